@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from taro_vllm import mix
+from taro_vllm.router import RouterConfig, build_router
+
+V = 4096
+
+
+def pair(n=6, v=V, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, v, generator=g) * 5).to(dtype), (torch.randn(n, v, generator=g) * 5).to(dtype)
+
+
+def random_router(kind="topk", v=V):
+    torch.manual_seed(1)
+    r = build_router(RouterConfig(kind=kind, vocab_size=v))
+    for p in r.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return r.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a0_is_exactly_base_and_a1_exactly_reward(dtype):
+    zb, zr = pair(dtype=dtype)
+    n = zb.shape[0]
+    for fn in (mix.mix_reference, lambda b, r, a: mix.mix_rows(b, r, torch.full((n,), float(a)))):
+        assert torch.equal(fn(zb, zr, 0.0), zb.float())
+        assert torch.equal(fn(zb, zr, 1.0), zr.float())
+    assert torch.equal(mix.fused_mix(zb, zr, override=torch.zeros(n)).logits, zb.float())
+    assert torch.equal(mix.fused_mix(zb, zr, override=torch.ones(n)).logits, zr.float())
+
+
+@pytest.mark.parametrize("kind", ["topk", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_equals_reference_within_tolerance(kind, dtype):
+    # Tolerance atol=1e-5 (a few fp32 ulps of |z| < 30): the fused path may order its fp32 operations differently.
+    zb, zr = pair(dtype=dtype)
+    router = random_router(kind)
+    res = mix.fused_mix(zb, zr, router=router)
+    a_ref = router(zb, zr)
+    torch.testing.assert_close(res.alpha, a_ref, atol=0, rtol=0)
+    torch.testing.assert_close(res.logits, mix.mix_reference(zb, zr, a_ref), atol=1e-5, rtol=0)
+    assert not res.nonfinite.any()
+
+
+def test_per_row_overrides_replace_the_router_only_where_set():
+    zb, zr = pair()
+    router = random_router()
+    a_router = router(zb, zr)
+    ovr = torch.tensor([float("nan"), 0.0, 1.0, 0.25, float("nan"), 0.5])
+    res = mix.fused_mix(zb, zr, router=router, override=ovr)
+    expected_a = torch.where(torch.isnan(ovr), a_router, ovr)
+    torch.testing.assert_close(res.alpha, expected_a)
+    assert torch.equal(res.logits[1], zb[1]) and torch.equal(res.logits[2], zr[2])
+    torch.testing.assert_close(res.alpha_router, a_router)
+
+
+def test_fixed_mix_needs_no_router_but_unset_rows_do():
+    zb, zr = pair()
+    with pytest.raises(ValueError, match="router"):
+        mix.fused_mix(zb, zr, override=torch.tensor([0.5, float("nan"), 0.5, 0.5, 0.5, 0.5]))
+    with pytest.raises(ValueError):
+        mix.fused_mix(zb, zr)
+
+
+@pytest.mark.parametrize("router_kind", [None, "topk", "full"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_rows_are_reported_and_strict_mode_raises(router_kind, bad):
+    zb, zr = pair()
+    zr[3, 17] = bad
+    router = random_router(router_kind) if router_kind else None
+    ovr = None if router else torch.full((6,), 0.3)
+    res = mix.fused_mix(zb, zr, router=router, override=ovr)
+    assert res.nonfinite.tolist() == [False, False, False, True, False, False]
+    with pytest.raises(mix.NonFiniteLogitsError, match=r"rows \[3\]"):
+        mix.fused_mix(zb, zr, router=router, override=ovr, strict=True)
+
+
+@pytest.mark.parametrize("use_router", [True, False])
+def test_minus_inf_masked_tokens_stay_masked_and_are_not_flagged(use_router):
+    zb, zr = pair()
+    zb[:, :10] = float("-inf")  # e.g. banned tokens in the base
+    zr[:, 5:15] = float("-inf")
+    router = random_router() if use_router else None
+    res = mix.fused_mix(zb, zr, router=router, override=None if use_router else torch.full((6,), 0.4))
+    assert bool(((res.alpha > 0) & (res.alpha < 1)).all())
+    assert not res.nonfinite.any() and not torch.isnan(res.logits).any()
+    assert torch.isneginf(res.logits[:, :15]).all() and torch.isfinite(res.logits[:, 15:]).all()
+
+
+def test_a0_ignores_a_reward_row_that_is_all_garbage():
+    zb, zr = pair()
+    zr[2] = float("nan")
+    res = mix.fused_mix(zb, zr, override=torch.tensor([0.5, 0.5, 0.0, 0.5, 0.5, 0.5]))
+    assert torch.equal(res.logits[2], zb[2]) and not res.nonfinite.any()
+
+
+def test_reward_vocab_is_cropped_or_padded_to_the_base_vocab():
+    zb, zr = pair(v=100)
+    wider = torch.cat([zr, torch.randn(6, 28)], dim=1)
+    assert torch.equal(mix.align_vocab(wider, zb), zr)
+    narrower = zr[:, :90]
+    aligned = mix.align_vocab(narrower, zb)
+    assert aligned.shape == zb.shape and torch.equal(aligned[:, 90:], zb[:, 90:])
+    # Mixed over the padded columns equals the base there, for any a.
+    res = mix.fused_mix(zb, narrower, override=torch.full((6,), 0.7))
+    torch.testing.assert_close(res.logits[:, 90:], zb[:, 90:])
+
+
+def test_topk_features_are_log_probs_at_the_selected_ids():
+    zb, zr = pair(v=50)
+    f = mix.topk_features(zb, zr, k=4, source="both")
+    assert f.ids.shape == (6, 8)
+    assert torch.equal(f.ids[:, :4], zb.topk(4).indices)
+    torch.testing.assert_close(f.logp_reward, torch.log_softmax(zr, -1).gather(1, f.ids))
+    f_base = mix.topk_features(zb, zr, k=4, source="base")
+    assert torch.equal(f_base.ids, zb.topk(4).indices)  # sorted by the base's logit
