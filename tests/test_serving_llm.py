@@ -1,0 +1,148 @@
+"""TARo through vLLM's offline LLM API, compiled (torch.compile ON), fp32, on the tiny Llama pair.
+
+One TARo engine for the module; stock-vLLM references come from a separate process.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine_utils import ENGINE_ENV, make_router, plain_vllm_greedy, prompts  # noqa: F401  (sets engine env)
+
+pytestmark = pytest.mark.engine
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_paths):
+    return tiny_paths["tiny-llama-base"], tiny_paths["tiny-llama-reward"]
+
+
+@pytest.fixture(scope="module")
+def router_ckpt(pair, tmp_path_factory):
+    return make_router(tmp_path_factory.mktemp("router") / "ckpt", *pair)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return prompts(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reference(pair, prompt_ids, tmp_path_factory):
+    return plain_vllm_greedy(tmp_path_factory.mktemp("ref"), [str(p) for p in pair], prompt_ids,
+                             max_tokens=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def llm(pair, router_ckpt):
+    from taro_vllm.serving.llm import taro_llm
+
+    engine = taro_llm(str(pair[0]), str(router_ckpt), dtype="float32", max_model_len=1024, seed=0,
+                      enforce_eager=False)
+    yield engine
+    del engine
+
+
+def generate(llm, prompt_ids, extra_args=None, *, max_tokens=MAX_TOKENS, logprobs=None, n=1, temperature=0.0,
+             seed=None):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True, extra_args=extra_args,
+                        logprobs=logprobs, n=n, seed=seed)
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sp, use_tqdm=False)
+
+
+def ids(outputs):
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_a0_is_the_base_alone_and_a1_the_reward_alone(llm, prompt_ids, reference, pair):
+    base_ref = [r["ids"] for r in reference[str(pair[0])]]
+    reward_ref = [r["ids"] for r in reference[str(pair[1])]]
+    assert ids(generate(llm, prompt_ids, {"taro_mode": "base"})) == base_ref
+    assert ids(generate(llm, prompt_ids, {"taro_mode": "reward"})) == reward_ref
+    assert ids(generate(llm, prompt_ids, {"taro_mode": "fixed", "taro_alpha": 0.0})) == base_ref
+    # Second pass: the prompts' KV blocks are now prefix-cache hits.
+    assert ids(generate(llm, prompt_ids, {"taro_mode": "fixed", "taro_alpha": 1.0})) == reward_ref
+
+
+def test_fixed_half_equals_the_hugging_face_reference(llm, prompt_ids, pair):
+    from taro_vllm.hf_generate import generate_mixed
+
+    base = AutoModelForCausalLM.from_pretrained(pair[0], dtype=torch.float32).eval()
+    reward = AutoModelForCausalLM.from_pretrained(pair[1], dtype=torch.float32).eval()
+    hf = generate_mixed(base, reward, prompt_ids, MAX_TOKENS, alpha=0.5)
+    out = generate(llm, prompt_ids, {"taro_mode": "fixed", "taro_alpha": 0.5}, logprobs=0)
+    for h, o in zip(hf, out):
+        assert list(o.outputs[0].token_ids) == h.token_ids
+        got = [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+        # Returned logprobs are those of the mixed distribution actually sampled from.
+        assert max(abs(a - b) for a, b in zip(got, h.logprobs)) < 2e-3
+
+
+def test_the_router_mixes_per_token(llm, prompt_ids, reference, pair):
+    taro = ids(generate(llm, prompt_ids))  # default mode: the router
+    for i, out in enumerate(taro):
+        assert out != reference[str(pair[0])][i]["ids"]
+        assert out != reference[str(pair[1])][i]["ids"]
+
+
+def test_router_output_matches_the_reference_router_mix(llm, prompt_ids, pair, router_ckpt):
+    from taro_vllm.checkpoint import load_router
+    from taro_vllm.hf_generate import generate_mixed
+
+    router, _ = load_router(router_ckpt)
+    base = AutoModelForCausalLM.from_pretrained(pair[0], dtype=torch.float32).eval()
+    reward = AutoModelForCausalLM.from_pretrained(pair[1], dtype=torch.float32).eval()
+    hf = generate_mixed(base, reward, prompt_ids[:2], 12, router=router)
+    out = generate(llm, prompt_ids[:2], max_tokens=12)
+    assert ids(out) == [h.token_ids for h in hf]
+
+
+def test_mixed_modes_in_one_batch_equal_one_at_a_time(llm, prompt_ids):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    modes = [None, {"taro_mode": "base"}, {"taro_mode": "reward"}, {"taro_alpha": 0.3}]
+    alone = [ids(generate(llm, [p], m))[0] for p, m in zip(prompt_ids, modes)]
+    sps = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, extra_args=m) for m in modes]
+    together = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sps, use_tqdm=False)
+    assert ids(together) == alone
+
+
+def test_alphas_are_recorded_for_traced_requests_only(llm, prompt_ids):
+    from taro_vllm.serving.alphas import RECORDER
+
+    generate(llm, prompt_ids[:1], {"taro_trace": "t-router"}, max_tokens=10)
+    generate(llm, prompt_ids[:1], {"taro_trace": "t-fixed", "taro_alpha": 0.25}, max_tokens=10)
+    generate(llm, prompt_ids[:1], max_tokens=10)
+    a_router = RECORDER.pop("t-router")
+    assert len(a_router) == 10 and all(0 < a < 1 for a in a_router) and len(set(a_router)) > 1
+    assert RECORDER.pop("t-fixed") == [0.25] * 10
+    assert RECORDER.pop("t-router") is None  # returned once
+    assert RECORDER.stats()["count"] >= 30
+
+
+def test_bad_per_request_options_are_rejected_before_running(llm, prompt_ids):
+    from vllm.exceptions import VLLMValidationError
+
+    for bad, msg in [({"taro_mode": "sideways"}, "taro_mode must be one of"),
+                     ({"taro_alpha": 1.5}, r"taro_alpha must be in \[0, 1\]"),
+                     ({"taro_alpha": "half"}, "taro_alpha must be a number"),
+                     ({"taro_mode": "fixed"}, "needs taro_alpha"),
+                     ({"taro_alfa": 0.2}, "unknown TARo option")]:
+        with pytest.raises(VLLMValidationError, match=msg):
+            generate(llm, prompt_ids[:1], bad, max_tokens=2)
+    assert len(ids(generate(llm, prompt_ids[:1], max_tokens=2))[0]) == 2  # still serving
+
+
+def test_seeded_sampling_and_n(llm, prompt_ids):
+    a = generate(llm, prompt_ids[:1], {"taro_alpha": 0.5}, temperature=1.0, seed=7, n=3, max_tokens=8)
+    b = generate(llm, prompt_ids[:1], {"taro_alpha": 0.5}, temperature=1.0, seed=7, n=3, max_tokens=8)
+    samples = [list(c.token_ids) for c in a[0].outputs]
+    assert samples == [list(c.token_ids) for c in b[0].outputs] and len(samples) == 3
+    assert len({tuple(s) for s in samples}) > 1
