@@ -9,8 +9,6 @@
   ``/metrics``.
 """
 
-from __future__ import annotations
-
 import asyncio
 import threading
 from collections import OrderedDict
@@ -33,7 +31,7 @@ class AlphaRecorder:
         self.nonfinite_rows = 0
         self.lock = threading.Lock()
 
-    def record(self, alpha: torch.Tensor, trace: list[str | None]) -> None:
+    def record(self, alpha: torch.Tensor, trace: list) -> None:
         a = alpha.detach().float().cpu()
         finite = a[torch.isfinite(a)]
         hist = torch.histc(finite, bins=len(BUCKETS), min=0.0, max=1.0).tolist() if finite.numel() else []

@@ -112,7 +112,8 @@ class TaroForCausalLM(nn.Module):
         logits = res.logits
         if bool(res.nonfinite.any()):
             logits = self._repair_nonfinite(z_base, mix.align_vocab(z_reward, z_base), res)
-        alpha_recording.RECORDER.record(res.alpha, trace)
+        if trace is not None:
+            alpha_recording.RECORDER.record(res.alpha, trace)
         return logits
 
     def _repair_nonfinite(self, z_base, z_reward, res: mix.MixResult) -> torch.Tensor:

@@ -140,10 +140,14 @@ class RowState:
         self.num_rows = num_rows
         self.fresh = True
 
-    def take(self, rows: int) -> tuple[torch.Tensor | None, list[str | None]]:
-        """Overrides and trace ids for this step's sampling rows (None when nothing is overridden)."""
+    def take(self, rows: int) -> tuple[torch.Tensor | None, list[str | None] | None]:
+        """Overrides (None when nothing is overridden) and trace ids for this step's sampling rows.
+
+        Trace ids are None for calls that are not a step's sampling call (warm-up, profiling, prompt logprobs):
+        their a_t are not recorded.
+        """
         if not self.fresh or rows != self.num_rows:
-            return self._default(rows), [None] * rows
+            return self._default(rows), None
         self.fresh = False
         ovr = self.override[:rows]
         trace = self.trace[:rows]
