@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from taro_vllm.checkpoint import CheckpointError, read_config, tokenizer_fingerprint
+from taro_vllm.checkpoint import CheckpointError, load_router, read_config, tokenizer_fingerprint
 
 
 class TaroSetupError(ValueError):
@@ -105,4 +105,8 @@ def validate_setup(base_path: str | Path, router_path: str | Path, reward_model:
             f"{Path(router_path) / 'config.json'}: the router was trained with a different tokenizer than {base}'s "
             f"(fingerprint {router_cfg.tokenizer_fingerprint[:19]}... vs {fp_base[:19]}...)"
         )
+    try:  # the weights too: a pickle, truncation, NaN or wrong shapes are refused here, before any engine starts
+        load_router(router_path, expected_vocab_size=vb, expected_tokenizer_fingerprint=fp_base)
+    except CheckpointError as e:
+        raise TaroSetupError(str(e)) from None
     return TaroSetup(str(base), str(reward), str(router_path), vb, fp_base)
