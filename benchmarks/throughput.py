@@ -1,0 +1,219 @@
+"""Throughput: base alone vs reward alone vs fixed-a mix vs TARo top-K vs TARo full-logits vs a GenARM-style loop.
+
+    python -m benchmarks.throughput                       # SmolLM2-135M base + reward, batch 1/8/32, 128 tokens
+    python -m benchmarks.throughput --smoke               # tiny models, a few tokens (what the test suite runs)
+
+Every vLLM configuration runs in its own fresh process, one after another, on the same prompts, the same output
+length (EOS ignored) and greedy sampling; the Hugging Face two-model loop (taro_vllm.hf_generate: KV caches, left
+padding) runs last, at batch 1 (GenARM's released decoding: one prompt at a time) and batched. Writes
+``throughput.json``, ``throughput.md`` and ``throughput.png`` and prints the ratios the design targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from taro_vllm import assets
+from taro_vllm.checkpoint import save_router, tokenizer_fingerprint
+from taro_vllm.router import RouterConfig, build_router
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _random_router(path: Path, base: Path, reward: Path, kind: str) -> Path:
+    """Router weights do not change the cost; a random one exercises the same code path as a trained one."""
+    vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    router = build_router(RouterConfig(kind=kind, vocab_size=vocab))
+    for p in router.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return save_router(path, router, tokenizer_fingerprint=tokenizer_fingerprint(base), base_model=str(base),
+                       reward_model=str(reward), training={"note": f"random {kind} router for benchmarks"})
+
+
+def _prompts(base: Path, n: int, length: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    text = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
+            "her friends every day with four. She sells the remainder at the farmers' market daily for $2 per "
+            "fresh duck egg. How much in dollars does she make every day at the farmers' market? Step 1: ") * 8
+    ids = tok(text)["input_ids"]
+    return [ids[i: i + length] for i in range(n)]  # n distinct prompts (shifted windows): no prefix-cache sharing
+
+
+def run_engine(spec: dict, label: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "benchmarks.engine_run", str(spec_path), str(out_path)],
+                           cwd=ROOT.parent, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{label} engine failed:\n{r.stderr[-4000:]}")
+        out = json.loads(out_path.read_text())
+        print(f"  {label}: startup {out['startup_s']:.1f}s, process {time.perf_counter() - t:.1f}s", flush=True)
+        return out
+
+
+def run_hf_loop(base: Path, reward: Path, prompts: list[list[int]], max_tokens: int, batch_size: int,
+                dtype: torch.dtype) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from taro_vllm.hf_generate import generate_mixed
+
+    b = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).eval()
+    r = AutoModelForCausalLM.from_pretrained(str(reward), dtype=dtype).eval()
+    generate_mixed(b, r, prompts[:1], 2, alpha=0.5)  # warm-up
+    t = time.perf_counter()
+    outs = generate_mixed(b, r, prompts, max_tokens, alpha=0.5, batch_size=batch_size)
+    wall = time.perf_counter() - t
+    n = sum(len(o.token_ids) for o in outs)
+    return {"output_tokens": n, "seconds": wall, "tokens_per_s": n / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, help="base model dir (default: SmolLM2-135M-Instruct asset)")
+    p.add_argument("--reward", type=Path, help="reward model dir (default: the SmolLM2 recipe's, else SmolLM2)")
+    p.add_argument("--router-topk", type=Path, help="top-K router checkpoint (default: a random one)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--genarm-prompts", type=int, default=4, help="prompts for the batch-1 HF loop")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
+    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--smoke", action="store_true", help="tiny models, batch 2, 4 tokens")
+    args = p.parse_args(argv)
+
+    if args.smoke:
+        tiny = assets.build_tiny_all()
+        args.base = args.base or tiny["tiny-llama-base"]
+        args.reward = args.reward or tiny["tiny-llama-reward"]
+        args.batch_sizes, args.max_tokens, args.prompt_len, args.genarm_prompts = [2], 4, 16, 1
+        args.eager = True
+    base = args.base or assets.build_smollm2()
+    trained_reward = assets.cache_dir() / "runs" / "smollm2" / "reward"
+    reward = args.reward or (trained_reward if (trained_reward / "config.json").is_file() else base)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="taro-bench-"))
+    router_topk = args.router_topk or _random_router(work / "topk", base, reward, "topk")
+    router_full = _random_router(work / "full", base, reward, "full")
+    prompts = _prompts(base, max(max(args.batch_sizes), args.genarm_prompts), args.prompt_len)
+    common = {"dtype": args.dtype, "max_model_len": args.prompt_len + args.max_tokens + 64, "eager": args.eager,
+              "max_tokens": args.max_tokens, "prompts": prompts, "batch_sizes": args.batch_sizes}
+    print(f"base {base}\nreward {reward}\nmachine: {os.cpu_count()} CPU cores, torch {torch.__version__}", flush=True)
+
+    engines = {
+        "base": {"model": str(base), "runs": [{"label": "base alone"}]},
+        "reward": {"model": str(reward), "runs": [{"label": "reward alone"}]},
+        "taro-topk": {"model": str(base), "router": str(router_topk), "reward": str(reward),
+                      "runs": [{"label": "fixed a=0.5 (GenARM mix)", "extra_args": {"taro_alpha": 0.5}},
+                               {"label": "TARo top-K"}]},
+        "taro-full": {"model": str(base), "router": str(router_full), "reward": str(reward),
+                      "runs": [{"label": "TARo full-logits"}]},
+    }
+    report: dict = {"base": str(base), "reward": str(reward), "dtype": args.dtype, "max_tokens": args.max_tokens,
+                    "prompt_len": args.prompt_len, "cpu_count": os.cpu_count(), "engines": {}, "rows": []}
+    for name, spec in engines.items():
+        out = run_engine({**common, **spec}, name)
+        report["engines"][name] = {"startup_s": out["startup_s"], "peak_rss_gib": out["peak_rss_gib"]}
+        for row in out["results"]:
+            report["rows"].append({**row, "engine": name, "peak_rss_gib": out["peak_rss_gib"]})
+    dt = getattr(torch, args.dtype)
+    bmax = max(args.batch_sizes)
+    hf1 = run_hf_loop(base, reward, prompts[: args.genarm_prompts], args.max_tokens, 1, dt)
+    report["rows"].append({"label": "GenARM-style HF loop (batch 1)", "batch_size": 1, "engine": "hf", **hf1})
+    hfb = run_hf_loop(base, reward, prompts[:bmax], args.max_tokens, bmax, dt)
+    report["rows"].append({"label": f"HF two-model loop (batched)", "batch_size": bmax, "engine": "hf", **hfb})
+    report["ratios"] = ratios(report["rows"], bmax)
+    write_outputs(report, args.out)
+    print(json.dumps(report["ratios"], indent=2))
+    return 0
+
+
+def _tps(rows: list[dict], label: str, bs: int) -> float | None:
+    for r in rows:
+        if r["label"].startswith(label) and r["batch_size"] == bs:
+            return r["tokens_per_s"]
+    return None
+
+
+def ratios(rows: list[dict], bmax: int) -> dict:
+    out: dict = {}
+    for bs in sorted({r["batch_size"] for r in rows if r["engine"] != "hf"}):
+        base, reward = _tps(rows, "base alone", bs), _tps(rows, "reward alone", bs)
+        fixed, topk, full = _tps(rows, "fixed a", bs), _tps(rows, "TARo top-K", bs), _tps(rows, "TARo full", bs)
+        # Per-token forward cost C ~ 1 / (tokens/s alone): a two-model engine can at best reach 1/(1/b + 1/r).
+        bound = 1.0 / (1.0 / base + 1.0 / reward)
+        out[f"batch {bs}"] = {
+            "router overhead: TARo top-K / fixed-a (target >= 0.97)": topk / fixed,
+            "TARo top-K / physical bound base*C_b/(C_b+C_r) (target >= 0.9)": topk / bound,
+            "C_reward / C_base (measured)": base / reward,
+            "TARo full-logits / TARo top-K": full / topk,
+        }
+    genarm = _tps(rows, "GenARM-style", 1)
+    topk_max = _tps(rows, "TARo top-K", bmax)
+    out[f"TARo top-K at batch {bmax} / GenARM-style loop at batch 1 (target >= 20)"] = topk_max / genarm
+    out[f"TARo top-K / batched HF loop at batch {bmax}"] = topk_max / _tps(rows, "HF two-model", bmax)
+    return out
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["| method | batch | output tok/s | TTFT p50 (ms) | TPOT p50 / p99 (ms) | peak RSS (GiB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        ms = lambda k: f"{1000 * r[k]:.1f}" if k in r else "–"  # noqa: E731
+        tpot = f"{ms('tpot_p50_s')} / {ms('tpot_p99_s')}" if "tpot_p50_s" in r else "–"
+        rss = f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "–"
+        lines.append(f"| {r['label']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {ms('ttft_p50_s')} | {tpot} "
+                     f"| {rss} |")
+    lines.append("")
+    lines.append("| engine | start-up (s) |")
+    lines.append("|---|---:|")
+    for name, e in report["engines"].items():
+        lines.append(f"| {name} | {e['startup_s']:.1f} |")
+    lines.append("")
+    for k, v in report["ratios"].items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                lines.append(f"- {k}: {kk} = **{vv:.3f}**")
+        else:
+            lines.append(f"- {k} = **{v:.2f}**")
+    (out / "throughput.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r["label"] for r in report["rows"] if r["engine"] != "hf"):
+        pts = sorted((r["batch_size"], r["tokens_per_s"]) for r in report["rows"] if r["label"] == label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    for r in report["rows"]:
+        if r["engine"] == "hf":
+            ax.scatter([r["batch_size"]], [r["tokens_per_s"]], marker="x", s=60, label=r["label"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (concurrent requests)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"taro_vllm throughput ({report['dtype']}, {report['cpu_count']} CPU cores)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""``python -m router_training {data,reward,router} ...`` (also ``taro-vllm train ...``).
+
+    data    build offline training data: GSM-symbolic Step-DPO pairs + solutions (training templates only),
+            champ first-wrong-step pairs, and the held-out eval items, as JSONL
+    reward  train the autoregressive reward model (GenARM loss) -> a Hugging Face model folder
+    router  train the TARo router on a frozen base + reward model -> a taro-router checkpoint
+
+Bad input (missing / empty / misformatted data, mismatched tokenizers, a resume with other settings) prints one
+``error:`` line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from router_training.errors import TrainingSetupError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (the artefact; logs and state go to OUT/train/)")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=256, help="tokens per sequence (prompt + steps)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--heldout-fraction", type=float, default=0.1, help="problems held out for evaluation")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cuda / cpu (default: cuda if available; bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train/state after a kill")
+    p.add_argument("--keep-state", action="store_true", help="keep the resumable state after finishing")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: stop as if killed
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m router_training", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("data", help="build offline training data (JSONL)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--variants", type=int, default=8, help="generated variants per training template")
+    d.add_argument("--max-templates", type=int, help="use only the first N training templates (by GSM8K id)")
+    d.add_argument("--include-slow", action="store_true", help="also templates whose generation takes minutes")
+    d.add_argument("--no-champ", dest="champ", action="store_false")
+    d.add_argument("--seed", type=int, default=0)
+
+    r = sub.add_parser("reward", help="train the autoregressive reward model")
+    r.add_argument("--model", required=True, help="causal LM folder to start from (e.g. SmolLM2-135M-Instruct)")
+    r.add_argument("--data", action="append", required=True, help="Math-Step-DPO file (JSONL/Parquet); repeatable")
+    r.add_argument("--beta", type=float, default=0.05)
+    r.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the saved model)")
+    r.add_argument("--lora-r", type=int, default=16)
+    r.add_argument("--lora-alpha", type=int, default=32)
+    r.add_argument("--max-train-pairs", type=int)
+    _common(r)
+
+    t = sub.add_parser("router", help="train the TARo router")
+    t.add_argument("--base", required=True, help="base model folder (frozen)")
+    t.add_argument("--reward", required=True, help="reward model folder (frozen; same tokenizer)")
+    t.add_argument("--data", action="append", required=True,
+                   help="solutions file: prompt/solution or Math-Step-DPO (full_chosen); repeatable")
+    t.add_argument("--pairs", action="append", default=[], help="Math-Step-DPO pairs for the preference term")
+    t.add_argument("--pref-weight", type=float, default=0.0)
+    t.add_argument("--pref-beta", type=float, default=0.05)
+    t.add_argument("--kind", choices=["topk", "full"], default="topk")
+    t.add_argument("--k", type=int, default=8)
+    t.add_argument("--source", choices=["base", "reward", "both"], default="both")
+    t.add_argument("--embed-dim", type=int, default=16)
+    t.add_argument("--hidden-dim", type=int, default=64)
+    t.add_argument("--init-bias", type=float, default=0.0)
+    _common(t)
+    return p
+
+
+def _opt(args: argparse.Namespace, keys: list[str]) -> dict:
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+_COMMON = ["out", "max_steps", "batch_size", "max_len", "lr", "warmup", "heldout_fraction", "eval_every",
+           "checkpoint_every", "seed", "device", "chat_template", "resume", "keep_state", "progress", "stop_after"]
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from router_training import champ, gsm
+    from router_training.data import save_records
+
+    out = Path(args.out).expanduser()
+    t0 = time.time()
+    templates = gsm.load_templates("eng")
+    ids = gsm.training_template_ids(templates, include_slow=args.include_slow)
+    if args.max_templates:
+        ids = ids[: args.max_templates]
+    variants = gsm.generate_variants(templates, ids, args.variants, seed=args.seed)
+    files = {
+        "pairs_gsm.jsonl": gsm.build_pairs(variants, seed=args.seed),
+        "solutions_gsm.jsonl": gsm.build_solutions(variants),
+        "eval_gsm.jsonl": gsm.eval_items(templates),  # original test items of the eval templates: benchmarks only
+    }
+    if args.champ:
+        files["pairs_champ.jsonl"] = champ.build_pairs()
+    for name, recs in files.items():
+        save_records(out / name, recs)
+        print(f"{out / name}\t{len(recs)} records")
+    manifest = {"training_template_ids": ids, "eval_template_ids": list(gsm.EVAL_TEMPLATE_IDS),
+                "variants_per_template": args.variants, "seed": args.seed,
+                "counts": {k: len(v) for k, v in files.items()}, "seconds": round(time.time() - t0, 1)}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return 0
+
+
+def _cmd_reward(args: argparse.Namespace) -> int:
+    from router_training.reward_trainer import RewardTrainConfig, train_reward
+
+    cfg = RewardTrainConfig(model=args.model, data=args.data, beta=args.beta, lora=args.lora, lora_r=args.lora_r,
+                            lora_alpha=args.lora_alpha, max_train_pairs=args.max_train_pairs,
+                            **_opt(args, _COMMON))
+    res = train_reward(cfg)
+    if res.finished:
+        print(json.dumps({"reward_model": str(res.model_dir), "steps": res.steps, "heldout": res.eval,
+                          "seconds": round(res.seconds, 1)}))
+    return 0
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from router_training.router_trainer import RouterTrainConfig, run_router_training
+
+    cfg = RouterTrainConfig(base=args.base, reward=args.reward, data=args.data, pairs=args.pairs,
+                            pref_weight=args.pref_weight, pref_beta=args.pref_beta, kind=args.kind, k=args.k,
+                            source=args.source, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
+                            init_bias=args.init_bias, **_opt(args, _COMMON))
+    res = run_router_training(cfg)
+    if res.finished:
+        print(json.dumps({"router": str(res.checkpoint), "steps": res.steps, "heldout": res.eval,
+                          "seconds": round(res.seconds, 1)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
+        return int(e.code or 0)
+    try:
+        return {"data": _cmd_data, "reward": _cmd_reward, "router": _cmd_router}[args.cmd](args)
+    except TrainingSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

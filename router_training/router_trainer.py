@@ -1,0 +1,320 @@
+"""The TARo router on top of a frozen base and a frozen reward model.
+
+Teacher forcing on correct solutions (prompt + reference solution): ONE forward of each model per batch gives the
+logits at every position; the scored positions (the solution tokens, prompt masked) are flattened into ``[N, V]``
+rows, the router reads them and returns one ``a`` per row, and the loss is the NLL of the reference token under
+``log_softmax(mix_reference(z_base, z_reward, a))``. Optionally a preference term on step pairs: the mixed
+distribution should give the chosen step a higher summed log-prob than the rejected one.
+
+For comparison, every evaluation also reports the held-out NLL of fixed mixes (``a`` swept over 0, 0.1, ..., 1;
+a=0 is the base alone, a=1 the reward model alone) and the best of them.
+
+The models are plain callables ``(input_ids, attention_mask) -> logits [B, T, V]`` (:data:`LogitSource`), so the
+same :func:`train_router` runs on HF models (the CLI) and on synthetic logit sources (tests).
+
+Output, ``--out DIR``: the router checkpoint (``taro_vllm.checkpoint`` format: ``config.json`` +
+``model.safetensors``) plus ``DIR/train/{metrics.jsonl,curves.png,state/}``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from router_training import checkpointing, runtime
+from router_training.data import load_solutions, load_step_pairs, split_by_group
+from router_training.encoding import Batch, Encoder, batch_indices, collate
+from router_training.errors import DataError, TrainingSetupError
+from taro_vllm import mix
+from taro_vllm.checkpoint import save_router, tokenizer_fingerprint
+from taro_vllm.router import Router, RouterConfig, build_router
+
+LogitSource = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Example = tuple[list[int], list[int]]  # (context ids, scored ids)
+PairExample = tuple[list[int], list[int], list[int], list[int]]  # (context, chosen, context, rejected)
+
+FIXED_A_GRID = tuple(i / 10 for i in range(11))
+
+
+@dataclass
+class RouterTrainConfig:
+    base: str = ""  # model folders (CLI); unused when train_router is given logit sources directly
+    reward: str = ""
+    data: list[str] = field(default_factory=list)  # solutions: (prompt, solution) or Math-Step-DPO (full_chosen)
+    pairs: list[str] = field(default_factory=list)  # optional Math-Step-DPO pairs for the preference term
+    out: str = ""
+    kind: Literal["topk", "full"] = "topk"
+    k: int = 8
+    source: Literal["base", "reward", "both"] = "both"
+    embed_dim: int = 16
+    hidden_dim: int = 64
+    init_bias: float = 0.0
+    lr: float = 1e-3
+    warmup: int = 5
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    max_steps: int = 100
+    max_len: int = 256
+    pref_weight: float = 0.0  # 0 = NLL only
+    pref_beta: float = 0.05
+    pref_batch_size: int = 2
+    heldout_fraction: float = 0.1
+    max_eval_examples: int = 64
+    eval_every: int = 25
+    checkpoint_every: int = 25
+    seed: int = 0
+    chat_template: bool = True
+    device: str | None = None
+    resume: bool = False
+    keep_state: bool = False
+    progress: bool = True
+    stop_after: int | None = None  # stop (as if killed) after this many steps; for tests of --resume
+
+    def router_config(self, vocab_size: int) -> RouterConfig:
+        return RouterConfig(kind=self.kind, vocab_size=vocab_size, k=self.k, source=self.source,
+                            embed_dim=self.embed_dim, hidden_dim=self.hidden_dim, init_bias=self.init_bias)
+
+
+@dataclass
+class RouterInputs:
+    """Everything the loop needs besides the config; built from model folders by :func:`prepare_inputs`."""
+
+    base: LogitSource
+    reward: LogitSource
+    vocab_size: int  # the served (base) vocabulary: the router's width; reward logits are cropped/padded to it
+    train: Sequence[Example]
+    heldout: Sequence[Example]
+    pad_id: int = 0
+    pairs: Sequence[PairExample] = ()
+    device: torch.device = torch.device("cpu")
+    tokenizer_fingerprint: str | None = None
+    base_model: str | None = None
+    reward_model: str | None = None
+    data_info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RouterResult:
+    router: Router
+    checkpoint: Path
+    steps: int
+    eval: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    finished: bool = True
+
+
+# --- the math ----------------------------------------------------------------------------------------------------
+
+def scored_rows(base: LogitSource, reward: LogitSource, batch: Batch) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor, torch.Tensor]:
+    """One forward per model; the logits that predict scored tokens as rows: (z_base, z_reward, targets, row→seq)."""
+    with torch.no_grad():
+        zb = base(batch.input_ids, batch.attention_mask)
+        zr = mix.align_vocab(reward(batch.input_ids, batch.attention_mask), zb)
+    # Logits at t predict token t+1: drop the last position, flatten [B, T-1, V] -> [B*(T-1), V], keep scored rows.
+    sel = batch.target_mask[:, 1:].reshape(-1)
+    v = zb.shape[-1]
+    rows_b = zb[:, :-1].reshape(-1, v)[sel]
+    rows_r = zr[:, :-1].reshape(-1, v)[sel]
+    targets = batch.input_ids[:, 1:].reshape(-1)[sel]
+    seq = torch.arange(batch.input_ids.shape[0], device=sel.device).repeat_interleave(batch.input_ids.shape[1] - 1)
+    return rows_b, rows_r, targets, seq[sel]
+
+
+def mixed_nll(z_base: torch.Tensor, z_reward: torch.Tensor, alpha: torch.Tensor | float,
+              targets: torch.Tensor) -> torch.Tensor:
+    """Per-row NLL of the target under ``log_softmax(mix_reference(z_base, z_reward, a))``."""
+    z = mix.mix_reference(z_base, z_reward, alpha)
+    return torch.logsumexp(z, dim=-1) - z.gather(1, targets[:, None]).squeeze(1)
+
+
+def _router_a(router: Router, zb: torch.Tensor, zr: torch.Tensor) -> torch.Tensor:
+    return router(zb, zr).float()
+
+
+def preference_loss(router: Router, inp: RouterInputs, pairs: Sequence[PairExample], beta: float) -> torch.Tensor:
+    """-log sigmoid(beta * (log p_mix(chosen) - log p_mix(rejected))), log-probs summed over each step's tokens."""
+    parts = [(cc, c) for cc, c, _, _ in pairs] + [(cr, r) for _, _, cr, r in pairs]
+    batch = collate(parts, inp.pad_id).to(inp.device)
+    zb, zr, y, seq = scored_rows(inp.base, inp.reward, batch)
+    lp = -mixed_nll(zb, zr, _router_a(router, zb, zr), y)
+    per_seq = torch.zeros(len(parts), device=lp.device).index_add(0, seq, lp)
+    n = len(pairs)
+    return -F.logsigmoid(beta * (per_seq[:n] - per_seq[n:])).mean()
+
+
+@torch.no_grad()
+def fixed_a_sweep(inp: RouterInputs, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+    """Held-out NLL per token for each fixed a in FIXED_A_GRID (the GenARM baseline), and the best one."""
+    tot = torch.zeros(len(FIXED_A_GRID), dtype=torch.float64)
+    n = 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(list(examples[i: i + batch_size]), inp.pad_id).to(inp.device)
+        zb, zr, y, _ = scored_rows(inp.base, inp.reward, batch)
+        for j, a in enumerate(FIXED_A_GRID):
+            tot[j] += float(mixed_nll(zb, zr, a, y).double().sum())
+        n += int(y.numel())
+    nll = (tot / max(1, n)).tolist()
+    best = min(range(len(nll)), key=nll.__getitem__)
+    return {"best_fixed_a": FIXED_A_GRID[best], "best_fixed_nll": nll[best], "nll_a0_base": nll[0],
+            "nll_a1_reward": nll[-1], "fixed_a_nll": dict(zip([f"{a:.1f}" for a in FIXED_A_GRID], nll))}
+
+
+@torch.no_grad()
+def evaluate(router: Router, inp: RouterInputs, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+    router.eval()
+    tot, n, a_sum = 0.0, 0, 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(list(examples[i: i + batch_size]), inp.pad_id).to(inp.device)
+        zb, zr, y, _ = scored_rows(inp.base, inp.reward, batch)
+        a = _router_a(router, zb, zr)
+        tot += float(mixed_nll(zb, zr, a, y).double().sum())
+        a_sum += float(a.double().sum())
+        n += int(y.numel())
+    router.train()
+    return {"nll": tot / max(1, n), "mean_a": a_sum / max(1, n), "tokens": n}
+
+
+# --- the loop ------------------------------------------------------------------------------------------------------
+
+def train_router(cfg: RouterTrainConfig, inp: RouterInputs) -> RouterResult:
+    """Train, evaluate against the best fixed a, checkpoint every N steps, resume, save the router checkpoint."""
+    t0 = time.time()
+    if not inp.train:
+        raise DataError("no router training examples")
+    out = Path(cfg.out).expanduser()
+    run = out / "train"
+    runtime.seed_everything(cfg.seed)
+    router = build_router(cfg.router_config(inp.vocab_size)).to(inp.device)
+    router.train()
+    opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device")}
+
+    start, baseline = 0, None
+    if cfg.resume and checkpointing.has_state(run):
+        meta = checkpointing.load_state(run, router, opt, run_cfg)
+        start, baseline = meta["step"], meta["extra"].get("baseline")
+    log = runtime.MetricsLog(run / "metrics.jsonl", start if cfg.resume else None)
+    held = list(inp.heldout)[: cfg.max_eval_examples]
+    if held and baseline is None:
+        baseline = fixed_a_sweep(inp, held, cfg.batch_size)
+
+    def do_eval(step: int) -> dict[str, Any]:
+        if not held:
+            return {}
+        ev = evaluate(router, inp, held, cfg.batch_size)
+        row = {"step": step, "split": "eval", **ev, "baseline_best_fixed_nll": baseline["best_fixed_nll"],
+               "best_fixed_a": baseline["best_fixed_a"]}
+        log.write(row)
+        return row
+
+    if start == 0:
+        do_eval(0)
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"router[{cfg.kind}]", disable=not cfg.progress,
+               dynamic_ncols=True)
+    step, ev = start, {}
+    while step < cfg.max_steps:
+        if cfg.stop_after is not None and step - start >= cfg.stop_after:
+            bar.close()
+            return RouterResult(router, out, step, {}, time.time() - t0, finished=False)
+        for g in opt.param_groups:
+            g["lr"] = runtime.lr_at(step, cfg.lr, cfg.warmup)
+        idx = batch_indices(len(inp.train), cfg.batch_size, step, cfg.seed)
+        batch = collate([inp.train[i] for i in idx], inp.pad_id).to(inp.device)
+        zb, zr, y, _ = scored_rows(inp.base, inp.reward, batch)
+        a = _router_a(router, zb, zr)
+        nll = mixed_nll(zb, zr, a, y).mean()
+        loss = nll
+        row: dict[str, Any] = {"step": step + 1, "split": "train", "nll": float(nll), "mean_a": float(a.mean())}
+        if cfg.pref_weight > 0 and inp.pairs:
+            pidx = batch_indices(len(inp.pairs), cfg.pref_batch_size, step, cfg.seed + 1)
+            pref = preference_loss(router, inp, [inp.pairs[i] for i in pidx], cfg.pref_beta)
+            loss = loss + cfg.pref_weight * pref
+            row["pref_loss"] = float(pref)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(router.parameters(), 1.0)
+        opt.step()
+        step += 1
+        row["loss"] = float(loss)
+        if not math.isfinite(row["loss"]):
+            raise TrainingSetupError(f"router loss became {row['loss']} at step {step}; lower --lr")
+        log.write(row)
+        bar.update(1)
+        bar.set_postfix(nll=f"{row['nll']:.3f}", a=f"{row['mean_a']:.2f}")
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            ev = do_eval(step)
+        if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            checkpointing.save_state(run, router, opt, step, run_cfg, extra={"baseline": baseline})
+    bar.close()
+
+    train_rows = [r for r in log.rows if r["split"] == "train"]
+    tail = train_rows[-max(1, len(train_rows) // 10):]
+    summary = {
+        "steps": step, "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size, "max_len": cfg.max_len,
+        "pref_weight": cfg.pref_weight, "train_nll_last10pct": sum(r["nll"] for r in tail) / max(1, len(tail)),
+        "heldout": {k: ev.get(k) for k in ("nll", "mean_a", "tokens")} if ev else None,
+        "fixed_a_baseline": baseline, **inp.data_info,
+    }
+    router.eval()
+    save_router(out, router, tokenizer_fingerprint=inp.tokenizer_fingerprint, base_model=inp.base_model,
+                reward_model=inp.reward_model, training=summary)
+    runtime.plot_curves(log.rows, run / "curves.png", f"TARo router ({cfg.kind})",
+                        [("train", ["nll"]), ("eval", ["nll"]), ("eval", ["mean_a"])])
+    if not cfg.keep_state:
+        checkpointing.clear_state(run)
+    return RouterResult(router, out, step, ev, time.time() - t0)
+
+
+# --- from model folders (the CLI) -----------------------------------------------------------------------------------
+
+def hf_logit_source(model) -> LogitSource:
+    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    return logits
+
+
+def prepare_inputs(cfg: RouterTrainConfig) -> RouterInputs:
+    """Check the two model folders share a tokenizer, load both frozen, encode the data."""
+    base_path = runtime.check_model_dir(cfg.base, "base model")
+    reward_path = runtime.check_model_dir(cfg.reward, "reward model")
+    if not cfg.data:
+        raise DataError("no data file given; pass --data FILE (prompt/solution or Math-Step-DPO JSONL/Parquet)")
+    solutions = [s for path in cfg.data for s in load_solutions(path)]
+    pairs = [p for path in cfg.pairs for p in load_step_pairs(path)]
+    tok = runtime.load_tokenizer(base_path)
+    fp_base = tokenizer_fingerprint(tok)
+    fp_reward = tokenizer_fingerprint(runtime.load_tokenizer(reward_path))
+    if fp_base != fp_reward:
+        raise TrainingSetupError(
+            f"base {base_path} and reward {reward_path} have different tokenizers ({fp_base[:19]}... vs "
+            f"{fp_reward[:19]}...); TARo mixes logits token by token, so both must share one tokenizer"
+        )
+    device, dtype = runtime.pick_device(cfg.device)
+    base = runtime.load_causal_lm(base_path, device, dtype).eval().requires_grad_(False)
+    reward = runtime.load_causal_lm(reward_path, device, dtype).eval().requires_grad_(False)
+    enc = Encoder(tok, cfg.max_len, cfg.chat_template)
+    train, held = split_by_group(solutions, cfg.heldout_fraction, cfg.seed)
+    return RouterInputs(
+        base=hf_logit_source(base), reward=hf_logit_source(reward), vocab_size=int(base.config.vocab_size),
+        train=[enc.solution(s) for s in train], heldout=[enc.solution(s) for s in held], pad_id=enc.pad_id,
+        pairs=[enc.pair(p) for p in pairs], device=device, tokenizer_fingerprint=fp_base,
+        base_model=str(base_path), reward_model=str(reward_path),
+        data_info={"data": [str(Path(d).resolve()) for d in cfg.data], "pairs": [str(Path(p).resolve()) for p in cfg.pairs],
+                   "train_examples": len(train), "heldout_examples": len(held),
+                   "dtype": str(dtype).removeprefix("torch."), "device": device.type},
+    )
+
+
+def run_router_training(cfg: RouterTrainConfig) -> RouterResult:
+    return train_router(cfg, prepare_inputs(cfg))

@@ -1,0 +1,23 @@
+"""Smoke run of the throughput benchmark on tiny models (few tokens): the script users run, end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def test_throughput_smoke_writes_table_plot_and_ratios(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--smoke", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    labels = {row["label"] for row in report["rows"]}
+    assert {"base alone", "reward alone", "fixed a=0.5 (GenARM mix)", "TARo top-K", "TARo full-logits",
+            "GenARM-style HF loop (batch 1)"} <= labels
+    assert all(row["output_tokens"] > 0 and row["tokens_per_s"] > 0 for row in report["rows"])
+    assert "router overhead" in " ".join(report["ratios"]["batch 2"])
+    assert (tmp_path / "throughput.png").stat().st_size > 10_000
+    assert "| TARo top-K | 2 |" in (tmp_path / "throughput.md").read_text()
