@@ -25,7 +25,9 @@ from router_training.data import Solution, StepPair
 
 # GSM8K test indices of the 20 evaluation templates: every 5th template in the package's shuffled order
 # (id_shuffled 0, 5, ..., 95), fixed here so the split never changes with the package's file order.
-EVAL_TEMPLATE_IDS: tuple[int, ...] = ()
+EVAL_TEMPLATE_IDS: tuple[int, ...] = (
+    473, 116, 1223, 458, 1020, 982, 873, 788, 410, 984, 440, 546, 304, 164, 401, 1111, 434, 1084, 149, 918,
+)
 
 # Templates whose variant generation enumerates a large constrained space (tens of seconds to minutes each on
 # 2 cores, measured once); skipped by default so the data stage stays fast. They are training templates otherwise.

@@ -170,7 +170,7 @@ def train_reward(cfg: RewardTrainConfig) -> RewardResult:
         opt.step()
         step += 1
         margin = (lp_c - lp_r).detach()
-        row = {"step": step, "split": "train", "loss": float(loss), "margin": float(margin.mean()),
+        row = {"step": step, "split": "train", "loss": float(loss.detach()), "margin": float(margin.mean()),
                "pairwise_accuracy": float((margin > 0).float().mean()), "lr": opt.param_groups[0]["lr"],
                "grad_norm": float(gnorm)}
         if not math.isfinite(row["loss"]):

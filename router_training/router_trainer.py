@@ -233,18 +233,19 @@ def train_router(cfg: RouterTrainConfig, inp: RouterInputs) -> RouterResult:
         a = _router_a(router, zb, zr)
         nll = mixed_nll(zb, zr, a, y).mean()
         loss = nll
-        row: dict[str, Any] = {"step": step + 1, "split": "train", "nll": float(nll), "mean_a": float(a.mean())}
+        row: dict[str, Any] = {"step": step + 1, "split": "train", "nll": float(nll.detach()),
+                               "mean_a": float(a.detach().mean())}
         if cfg.pref_weight > 0 and inp.pairs:
             pidx = batch_indices(len(inp.pairs), cfg.pref_batch_size, step, cfg.seed + 1)
             pref = preference_loss(router, inp, [inp.pairs[i] for i in pidx], cfg.pref_beta)
             loss = loss + cfg.pref_weight * pref
-            row["pref_loss"] = float(pref)
+            row["pref_loss"] = float(pref.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(router.parameters(), 1.0)
         opt.step()
         step += 1
-        row["loss"] = float(loss)
+        row["loss"] = float(loss.detach())
         if not math.isfinite(row["loss"]):
             raise TrainingSetupError(f"router loss became {row['loss']} at step {step}; lower --lr")
         log.write(row)
@@ -310,7 +311,8 @@ def prepare_inputs(cfg: RouterTrainConfig) -> RouterInputs:
         train=[enc.solution(s) for s in train], heldout=[enc.solution(s) for s in held], pad_id=enc.pad_id,
         pairs=[enc.pair(p) for p in pairs], device=device, tokenizer_fingerprint=fp_base,
         base_model=str(base_path), reward_model=str(reward_path),
-        data_info={"data": [str(Path(d).resolve()) for d in cfg.data], "pairs": [str(Path(p).resolve()) for p in cfg.pairs],
+        data_info={"data": [str(Path(d).resolve()) for d in cfg.data],
+                   "pairs": [str(Path(p).resolve()) for p in cfg.pairs],
                    "train_examples": len(train), "heldout_examples": len(held),
                    "dtype": str(dtype).removeprefix("torch."), "device": device.type},
     )

@@ -1,16 +1,13 @@
 """TARo through vLLM's OpenAI server (`taro-vllm serve`, compiled, fp32) on 127.0.0.1, driven by the OpenAI SDK."""
 
 import asyncio
-import json
 import subprocess
 import sys
-import urllib.request
 
 import httpx
 import pytest
 
-from engine_utils import make_router, plain_vllm_greedy, prompts
-from server_utils import taro_server
+from engine_utils import plain_vllm_greedy, prompts
 
 pytestmark = pytest.mark.engine
 MAX_TOKENS = 20
@@ -33,13 +30,8 @@ def reference(pair, prompt_ids, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(pair, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    router = make_router(tmp / "router", *pair)
-    args = [str(pair[0]), "--taro-router", str(router), "--dtype", "float32", "--max-model-len", "1024",
-            "--served-model-name", "taro", "--seed", "0"]
-    with taro_server(args, tmp / "server.log") as (url, _):
-        yield url
+def server(taro_server_url):
+    return taro_server_url[0]
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@
 """
 
 import asyncio
+import json
 import threading
 from collections import OrderedDict
 
@@ -97,6 +98,21 @@ def _prometheus_collector(snapshot: dict):
     return TaroCollector()
 
 
+def _openai_style_http_errors(app) -> None:
+    """Errors raised before vLLM's handlers run (e.g. a body that is not UTF-8) come back as FastAPI's
+    ``{"detail": ...}``; give them the OpenAI error shape every other error has."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    async def handler(request, exc: HTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse({"error": {"message": detail, "type": "BadRequestError" if exc.status_code == 400
+                                       else "HTTPError", "param": None, "code": exc.status_code}},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    app.add_exception_handler(HTTPException, handler)
+
+
 class TaroAlphaEndpoint:
     """``vllm.endpoint_plugins`` entry: per-token a_t by trace id, and the ``taro_alpha`` Prometheus histogram."""
 
@@ -130,6 +146,7 @@ class TaroAlphaEndpoint:
             return {"trace_id": trace_id, "alphas": alphas}
 
         app.include_router(router)
+        _openai_style_http_errors(app)
 
     async def init_state(self, engine_client, state, args) -> None:
         state.taro_engine_client = engine_client
