@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.engine
 
 
+
+@pytest.mark.engine
 def test_throughput_smoke_writes_table_plot_and_ratios(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--smoke", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=900)
@@ -21,3 +22,12 @@ def test_throughput_smoke_writes_table_plot_and_ratios(tmp_path):
     assert "router overhead" in " ".join(report["ratios"]["batch 2"])
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
     assert "| TARo top-K | 2 |" in (tmp_path / "throughput.md").read_text()
+
+
+def test_router_op_microbenchmark_smoke(tmp_path):
+    from benchmarks import router_op
+
+    assert router_op.main(["--vocab", "1000", "--batch", "1", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "router_op.json").read_text())
+    assert {(r["batch"], r["router"]) for r in rows} == {(1, "topk"), (1, "full"), (4, "topk"), (4, "full")}
+    assert all(r["fused_ms"] > 0 and r["fused_GBps"] > 0 for r in rows)
