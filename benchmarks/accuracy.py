@@ -51,7 +51,11 @@ def gsm_items(n_variants_per_template: int, max_items: int | None, seed: int = 1
     items = [{"id": gsm.original_item_id(t.id_orig), "question": t.question, "gold": gsm.split_answer(t.answer)[1]}
              for t in sorted(templates, key=lambda t: t.id_orig)]
     # ... plus fresh variants of the evaluation templates, whose variants are never trained on.
+    # Templates whose variant generation takes 10 s to minutes (enumerating a constrained space) give no variants.
+    slow = {410, 984, 434, 873}
     for t_id in gsm.EVAL_TEMPLATE_IDS:
+        if t_id in slow or n_variants_per_template == 0:
+            continue
         t = by_id[t_id]
         for k, q in enumerate(t.generate_questions(n_variants_per_template, seed=seed * 1000 + t_id, verbose=False)):
             items.append({"id": f"gsm-eval-{t_id}-v{k}", "question": q.question, "gold": gsm.split_answer(q.answer)[1]})

@@ -7,6 +7,8 @@ Stages, each a module with one job:
 * champ      - real (correct step, first wrong step) pairs from champ-dataset
 * encoding   - tokenise pairs / solutions into padded batches with loss masks
 * checkpointing - resumable training state (safetensors + JSON, never pickle)
+* runtime    - device/dtype, model loading, LR schedule, metrics JSONL, the PNG of the curves
+* errors     - the errors the CLI reports as one line with exit code 2
 * reward_trainer - ``-log sigmoid(beta * (log p(chosen) - log p(rejected)))``, full or LoRA, merged on save
 * router_trainer - the router on frozen base + reward logits, NLL of the mixed distribution
 * __main__   - ``python -m router_training {data,reward,router} ...`` (also ``taro-vllm train ...``)

@@ -29,6 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int)
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="problems held out for evaluation")
     p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--max-eval", type=int, help="cap on held-out pairs (reward) / solutions (router) per evaluation")
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cuda / cpu (default: cuda if available; bf16 on cuda, fp32 on cpu)")
@@ -52,12 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
 
     r = sub.add_parser("reward", help="train the autoregressive reward model")
-    r.add_argument("--model", required=True, help="causal LM folder to start from (e.g. SmolLM2-135M-Instruct)")
+    r.add_argument("--model", help="causal LM folder to start from (default: SmolLM2-135M-Instruct, built offline)")
     r.add_argument("--data", action="append", required=True, help="Math-Step-DPO file (JSONL/Parquet); repeatable")
     r.add_argument("--beta", type=float, default=0.05)
     r.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the saved model)")
     r.add_argument("--lora-r", type=int, default=16)
     r.add_argument("--lora-alpha", type=int, default=32)
+    r.add_argument("--lora-last-layers", type=int, help="LoRA on the top N layers only (a cheaper backward)")
     r.add_argument("--max-train-pairs", type=int)
     _common(r)
 
@@ -118,9 +120,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_reward(args: argparse.Namespace) -> int:
     from router_training.reward_trainer import RewardTrainConfig, train_reward
 
+    if args.model is None:
+        from taro_vllm import assets
+
+        args.model = str(assets.build_smollm2())
     cfg = RewardTrainConfig(model=args.model, data=args.data, beta=args.beta, lora=args.lora, lora_r=args.lora_r,
-                            lora_alpha=args.lora_alpha, max_train_pairs=args.max_train_pairs,
-                            **_opt(args, _COMMON))
+                            lora_alpha=args.lora_alpha, lora_last_layers=args.lora_last_layers,
+                            max_train_pairs=args.max_train_pairs,
+                            **_opt(args, _COMMON), **({"max_eval_pairs": args.max_eval} if args.max_eval else {}))
     res = train_reward(cfg)
     if res.finished:
         print(json.dumps({"reward_model": str(res.model_dir), "steps": res.steps, "heldout": res.eval,
@@ -134,7 +141,8 @@ def _cmd_router(args: argparse.Namespace) -> int:
     cfg = RouterTrainConfig(base=args.base, reward=args.reward, data=args.data, pairs=args.pairs,
                             pref_weight=args.pref_weight, pref_beta=args.pref_beta, kind=args.kind, k=args.k,
                             source=args.source, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
-                            init_bias=args.init_bias, **_opt(args, _COMMON))
+                            init_bias=args.init_bias, **_opt(args, _COMMON),
+                            **({"max_eval_examples": args.max_eval} if args.max_eval else {}))
     res = run_router_training(cfg)
     if res.finished:
         print(json.dumps({"router": str(res.checkpoint), "steps": res.steps, "heldout": res.eval,

@@ -16,7 +16,7 @@ import hashlib
 import json
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,11 +38,6 @@ class StepPair:
     answer: str
     id: str = ""
     group: str = ""
-
-    @property
-    def prefix(self) -> str:
-        """The text both steps continue (after the prompt)."""
-        return self.initial_reason_steps
 
 
 @dataclass(frozen=True)
@@ -179,7 +174,3 @@ def split_by_group(records: Sequence[T], heldout_fraction: float, seed: int = 0)
     n_held = max(1, round(heldout_fraction * len(groups))) if heldout_fraction > 0 and len(groups) > 1 else 0
     held = set(groups[:n_held])
     return [r for r in records if r.group not in held], [r for r in records if r.group in held]
-
-
-def record_fields(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]

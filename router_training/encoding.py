@@ -87,12 +87,14 @@ def collate(parts: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     return Batch(ids, attn, tgt)
 
 
-def token_logprobs(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """log p(token_t | tokens_<t) for every position t >= 1 ([B, T-1], fp32), zero where not scored."""
-    z = logits[:, :-1].float()
-    tgt = batch.input_ids[:, 1:]
-    lp = torch.gather(z, -1, tgt[..., None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
-    return lp * batch.target_mask[:, 1:]
+def scored_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(targets) from aligned logits ([B, K, V] predicting [B, K]), fp32, zero where ``mask`` is False.
+
+    The log-softmax runs on the scored rows only ([N, V]), not on every position.
+    """
+    z = logits[mask].float()
+    lp = z.gather(1, targets[mask][:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+    return torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from router_training import checkpointing, runtime
 from router_training.data import StepPair, load_step_pairs, split_by_group
-from router_training.encoding import Batch, Encoder, batch_indices, collate, token_logprobs
+from router_training.encoding import Batch, Encoder, batch_indices, collate, scored_logprobs
 from router_training.errors import DataError, TrainingSetupError
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,6 +37,7 @@ class RewardTrainConfig:
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
+    lora_last_layers: int | None = None  # adapters on the top N layers only: backward stops there (CPU budget)
     lr: float = 1e-5
     warmup: int = 10
     weight_decay: float = 0.0
@@ -71,8 +72,11 @@ def pair_logps(model, enc: Encoder, pairs: list[StepPair], device) -> tuple[torc
     encoded = [enc.pair(p) for p in pairs]
     parts = [(cc, c) for cc, c, _, _ in encoded] + [(cr, r) for _, _, cr, r in encoded]
     batch: Batch = collate(parts, enc.pad_id).to(device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    lp = token_logprobs(logits, batch).sum(-1)
+    # Only positions whose logits predict a scored token (in any row) go through the LM head: the prompt is most of
+    # each sequence, and the [B, T, V] head output and its log-softmax dominate memory (and time for small models).
+    keep = batch.target_mask[:, 1:].any(0).nonzero().squeeze(1)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+    lp = scored_logprobs(logits, batch.input_ids[:, keep + 1], batch.target_mask[:, keep + 1]).sum(-1)
     n = len(pairs)
     return lp[:n], lp[n:]
 
@@ -114,9 +118,14 @@ def _wrap_lora(model, cfg: RewardTrainConfig):
         raise TrainingSetupError("--lora needs peft: pip install 'taro-vllm[train]'") from None
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     targets = [t for t in LORA_TARGETS if t in names]
+    layers = None
+    if cfg.lora_last_layers:
+        n = model.config.num_hidden_layers
+        layers = list(range(max(0, n - cfg.lora_last_layers), n))
     # lora_dropout=0: dropout would make the run depend on RNG state that the checkpoint does not carry.
     return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                            target_modules=targets, task_type="CAUSAL_LM"))
+                                            target_modules=targets, layers_to_transform=layers,
+                                            task_type="CAUSAL_LM"))
 
 
 def train_reward(cfg: RewardTrainConfig) -> RewardResult:

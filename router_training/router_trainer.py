@@ -6,8 +6,8 @@ rows, the router reads them and returns one ``a`` per row, and the loss is the N
 ``log_softmax(mix_reference(z_base, z_reward, a))``. Optionally a preference term on step pairs: the mixed
 distribution should give the chosen step a higher summed log-prob than the rejected one.
 
-For comparison, every evaluation also reports the held-out NLL of fixed mixes (``a`` swept over 0, 0.1, ..., 1;
-a=0 is the base alone, a=1 the reward model alone) and the best of them.
+For comparison, the first evaluation also measures the held-out NLL of fixed mixes (``a`` swept over 0, 0.1, ...,
+1; a=0 is the base alone, a=1 the reward model alone; the same forwards) and every evaluation reports the best one.
 
 The models are plain callables ``(input_ids, attention_mask) -> logits [B, T, V]`` (:data:`LogitSource`), so the
 same :func:`train_router` runs on HF models (the CLI) and on synthetic logit sources (tests).
@@ -151,17 +151,7 @@ def preference_loss(router: Router, inp: RouterInputs, pairs: Sequence[PairExamp
     return -F.logsigmoid(beta * (per_seq[:n] - per_seq[n:])).mean()
 
 
-@torch.no_grad()
-def fixed_a_sweep(inp: RouterInputs, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
-    """Held-out NLL per token for each fixed a in FIXED_A_GRID (the GenARM baseline), and the best one."""
-    tot = torch.zeros(len(FIXED_A_GRID), dtype=torch.float64)
-    n = 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(list(examples[i: i + batch_size]), inp.pad_id).to(inp.device)
-        zb, zr, y, _ = scored_rows(inp.base, inp.reward, batch)
-        for j, a in enumerate(FIXED_A_GRID):
-            tot[j] += float(mixed_nll(zb, zr, a, y).double().sum())
-        n += int(y.numel())
+def _sweep_summary(tot: torch.Tensor, n: int) -> dict[str, Any]:
     nll = (tot / max(1, n)).tolist()
     best = min(range(len(nll)), key=nll.__getitem__)
     return {"best_fixed_a": FIXED_A_GRID[best], "best_fixed_nll": nll[best], "nll_a0_base": nll[0],
@@ -169,9 +159,13 @@ def fixed_a_sweep(inp: RouterInputs, examples: Sequence[Example], batch_size: in
 
 
 @torch.no_grad()
-def evaluate(router: Router, inp: RouterInputs, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
+def evaluate(router: Router, inp: RouterInputs, examples: Sequence[Example], batch_size: int,
+             sweep: bool = False) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Held-out NLL per token of the router's mix; with ``sweep``, also of each fixed a in FIXED_A_GRID (the
+    GenARM baseline) from the same forwards. Returns (router metrics, sweep summary or None)."""
     router.eval()
     tot, n, a_sum = 0.0, 0, 0.0
+    sweep_tot = torch.zeros(len(FIXED_A_GRID), dtype=torch.float64)
     for i in range(0, len(examples), batch_size):
         batch = collate(list(examples[i: i + batch_size]), inp.pad_id).to(inp.device)
         zb, zr, y, _ = scored_rows(inp.base, inp.reward, batch)
@@ -179,8 +173,12 @@ def evaluate(router: Router, inp: RouterInputs, examples: Sequence[Example], bat
         tot += float(mixed_nll(zb, zr, a, y).double().sum())
         a_sum += float(a.double().sum())
         n += int(y.numel())
+        if sweep:
+            for j, fixed in enumerate(FIXED_A_GRID):
+                sweep_tot[j] += float(mixed_nll(zb, zr, fixed, y).double().sum())
     router.train()
-    return {"nll": tot / max(1, n), "mean_a": a_sum / max(1, n), "tokens": n}
+    ev = {"nll": tot / max(1, n), "mean_a": a_sum / max(1, n), "tokens": n}
+    return ev, (_sweep_summary(sweep_tot, n) if sweep else None)
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------
@@ -204,13 +202,13 @@ def train_router(cfg: RouterTrainConfig, inp: RouterInputs) -> RouterResult:
         start, baseline = meta["step"], meta["extra"].get("baseline")
     log = runtime.MetricsLog(run / "metrics.jsonl", start if cfg.resume else None)
     held = list(inp.heldout)[: cfg.max_eval_examples]
-    if held and baseline is None:
-        baseline = fixed_a_sweep(inp, held, cfg.batch_size)
 
     def do_eval(step: int) -> dict[str, Any]:
+        nonlocal baseline
         if not held:
             return {}
-        ev = evaluate(router, inp, held, cfg.batch_size)
+        ev, sweep = evaluate(router, inp, held, cfg.batch_size, sweep=baseline is None)
+        baseline = baseline or sweep
         row = {"step": step, "split": "eval", **ev, "baseline_best_fixed_nll": baseline["best_fixed_nll"],
                "best_fixed_a": baseline["best_fixed_a"]}
         log.write(row)

@@ -40,7 +40,9 @@ def load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        raise TrainingSetupError(f"cannot load the tokenizer of {path} ({e}); the folder needs tokenizer files") from None
+        raise TrainingSetupError(
+            f"cannot load the tokenizer of {path} ({e}); the model folder needs its tokenizer files"
+        ) from None
 
 
 def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype):
@@ -80,7 +82,7 @@ class MetricsLog:
 
 
 def plot_curves(rows: list[dict[str, Any]], out: Path, title: str, panels: list[tuple[str, list[str]]]) -> Path:
-    """One panel per (split, metric names): a line per metric over steps; hlines for ``baseline_*`` values."""
+    """One panel per (split, metric names): a line per metric over steps; dashed hlines for ``baseline_*<metric>``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +96,8 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str, panels: list[
             if pts:
                 ax.plot(*zip(*pts), marker="." if split != "train" else None, label=k)
         for k, v in (sel[-1].items() if sel else []):
-            if k.startswith("baseline_") and isinstance(v, (int, float)):
+            # a baseline ("baseline_best_fixed_nll") belongs on the panel of its metric only
+            if k.startswith("baseline_") and any(m in k for m in keys) and isinstance(v, (int, float)):
                 ax.axhline(v, ls="--", c="gray", label=k)
         ax.set_title(f"{split}")
         ax.set_xlabel("step")

@@ -32,12 +32,12 @@ def pairs_file(tmp_path_factory):
 
 def small(tiny_paths, pairs_file, out, **kw) -> RewardTrainConfig:
     base = dict(model=str(tiny_paths["tiny-llama-reward"]), data=[str(pairs_file)], out=str(out), lr=1e-3,
-                warmup=2, batch_size=8, max_len=48, heldout_fraction=0.25, progress=False)
+                warmup=2, batch_size=8, max_len=32, heldout_fraction=0.25, chat_template=False, progress=False)
     return RewardTrainConfig(**{**base, **kw})
 
 
 def test_reward_model_separates_heldout_pairs(tmp_path, tiny_paths, pairs_file):
-    res = train_reward(small(tiny_paths, pairs_file, tmp_path / "rm", max_steps=30, eval_every=30))
+    res = train_reward(small(tiny_paths, pairs_file, tmp_path / "rm", max_steps=24, eval_every=24))
     rows = [json.loads(line) for line in (tmp_path / "rm" / "train" / "metrics.jsonl").open()]
     before = next(r for r in rows if r["split"] == "eval" and r["step"] == 0)
     assert before["pairwise_accuracy"] < 0.8, "the task must not be solved at init"
@@ -51,7 +51,8 @@ def test_reward_model_separates_heldout_pairs(tmp_path, tiny_paths, pairs_file):
 
 
 def test_lora_is_merged_into_a_plain_model(tmp_path, tiny_paths, pairs_file):
-    train_reward(small(tiny_paths, pairs_file, tmp_path / "lora", lora=True, lora_r=4, max_steps=2, eval_every=2))
+    train_reward(small(tiny_paths, pairs_file, tmp_path / "lora", lora=True, lora_r=4, max_steps=2, eval_every=2,
+                       heldout_fraction=0.05))
     names = trained_weights(tmp_path / "lora").keys()
     assert not any("lora" in n for n in names), "adapters must be merged before saving"
     start = trained_weights(tiny_paths["tiny-llama-reward"])
@@ -60,13 +61,11 @@ def test_lora_is_merged_into_a_plain_model(tmp_path, tiny_paths, pairs_file):
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_paths, pairs_file):
-    whole = train_reward(small(tiny_paths, pairs_file, tmp_path / "whole", max_steps=4, checkpoint_every=2,
-                               eval_every=4))
-    killed = train_reward(small(tiny_paths, pairs_file, tmp_path / "killed", max_steps=4, checkpoint_every=2,
-                                eval_every=4, stop_after=3))
-    assert not killed.finished
-    resumed = train_reward(small(tiny_paths, pairs_file, tmp_path / "killed", max_steps=4, checkpoint_every=2,
-                                 eval_every=4, resume=True))
+    common = dict(max_steps=4, checkpoint_every=2, eval_every=4, heldout_fraction=0.05)
+    whole = train_reward(small(tiny_paths, pairs_file, tmp_path / "whole", **common))
+    killed = train_reward(small(tiny_paths, pairs_file, tmp_path / "killed", stop_after=3, **common))
+    assert not killed.finished  # the state on disk is from step 2; step 3 is lost with the "kill"
+    resumed = train_reward(small(tiny_paths, pairs_file, tmp_path / "killed", resume=True, **common))
     assert resumed.finished and resumed.steps == whole.steps == 4
     a, b = trained_weights(whole.model_dir), trained_weights(resumed.model_dir)
     assert a.keys() == b.keys()
@@ -93,8 +92,8 @@ def test_bad_data_file_is_a_clear_error(tmp_path, tiny_paths, capsys, content, m
 
 def test_cli_reward_end_to_end(tmp_path, tiny_paths, pairs_file, capsys):
     rc = main(["reward", "--model", str(tiny_paths["tiny-llama-reward"]), "--data", str(pairs_file),
-               "--out", str(tmp_path / "rm"), "--max-steps", "2", "--max-len", "48", "--lora", "--lr", "1e-3",
-               "--no-progress"])
+               "--out", str(tmp_path / "rm"), "--max-steps", "2", "--max-len", "32", "--no-chat-template",
+               "--lora", "--lr", "1e-3", "--no-progress"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and 0.0 <= summary["heldout"]["pairwise_accuracy"] <= 1.0

@@ -15,8 +15,9 @@ import torch
 
 from router_training.__main__ import main
 from router_training.data import Solution, save_records
-from router_training.router_trainer import RouterInputs, RouterTrainConfig, scored_rows, train_router
 from router_training.encoding import collate
+from router_training.errors import TrainingSetupError
+from router_training.router_trainer import RouterInputs, RouterTrainConfig, scored_rows, train_router
 from taro_vllm.checkpoint import load_router, tokenizer_fingerprint
 
 V = 32
@@ -80,6 +81,23 @@ def test_router_learns_where_to_trust_each_model(tmp_path, kind):
     assert (tmp_path / kind / "train" / "curves.png").stat().st_size > 0
 
 
+def test_preference_term_prefers_the_chain_over_a_wrong_continuation(tmp_path):
+    # chosen = the true next tokens, rejected = the same length of "off by one" tokens after the same prefix
+    pairs = []
+    for ctx, sol in chain_examples(16, 6, seed=2):
+        prefix, step = ctx + sol[:3], sol[3:]
+        pairs.append((prefix, step, prefix, [(t + 1) % V for t in step]))
+    inp = synthetic_inputs()
+    inp.pairs = pairs
+    cfg = RouterTrainConfig(out=str(tmp_path / "pref"), k=4, embed_dim=8, hidden_dim=16, lr=1e-2, batch_size=4,
+                            max_steps=30, pref_weight=1.0, pref_beta=0.5, pref_batch_size=4, eval_every=30,
+                            checkpoint_every=1000, progress=False)
+    train_router(cfg, inp)
+    rows = [json.loads(line) for line in (tmp_path / "pref" / "train" / "metrics.jsonl").open()]
+    pref = [r["pref_loss"] for r in rows if r["split"] == "train"]
+    assert len(pref) == 30 and sum(pref[-5:]) / 5 < 0.5 * sum(pref[:5]) / 5
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     common = dict(kind="topk", k=4, embed_dim=8, hidden_dim=16, lr=5e-3, batch_size=4, max_steps=12,
                   eval_every=6, checkpoint_every=4, progress=False)
@@ -101,8 +119,6 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     common = dict(out=str(tmp_path / "r"), kind="topk", k=4, embed_dim=8, hidden_dim=16, batch_size=4,
                   max_steps=6, checkpoint_every=2, progress=False)
     train_router(RouterTrainConfig(lr=1e-3, stop_after=3, **common), synthetic_inputs())
-    from router_training.errors import TrainingSetupError
-
     with pytest.raises(TrainingSetupError, match="lr"):
         train_router(RouterTrainConfig(lr=5e-3, resume=True, **common), synthetic_inputs())
 
@@ -153,3 +169,13 @@ def test_cli_refuses_mismatched_tokenizers(tmp_path, tiny_paths, solutions_file,
                "--data", str(solutions_file), "--out", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "different tokenizers" in err and "Traceback" not in err
+
+
+def test_router_training_never_imports_vllm():
+    import subprocess
+    import sys
+
+    code = ("import sys, router_training.__main__, router_training.router_trainer, router_training.reward_trainer, "
+            "router_training.gsm, router_training.champ; print(sorted(m for m in sys.modules if m.startswith('vllm')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
