@@ -1,6 +1,6 @@
 """Throughput: base alone vs reward alone vs fixed-a mix vs TARo top-K vs TARo full-logits vs a GenARM-style loop.
 
-    python -m benchmarks.throughput                       # SmolLM2-135M base + reward, batch 1/8/32, 128 tokens
+    python -m benchmarks.throughput                       # SmolLM2-135M base + reward, batch 1 and 32, 128 tokens (~15 min)
     python -m benchmarks.throughput --smoke               # tiny models, a few tokens (what the test suite runs)
 
 Every vLLM configuration runs in its own fresh process, one after another, on the same prompts, the same output

@@ -31,3 +31,29 @@ def test_router_op_microbenchmark_smoke(tmp_path):
     rows = json.loads((tmp_path / "router_op.json").read_text())
     assert {(r["batch"], r["router"]) for r in rows} == {(1, "topk"), (1, "full"), (4, "topk"), (4, "full")}
     assert all(r["fused_ms"] > 0 and r["fused_GBps"] > 0 for r in rows)
+
+
+@pytest.mark.engine
+def test_online_serve_bench_sweeps_modes_and_concurrency(taro_server_url, tmp_path):
+    from benchmarks import serve_bench
+
+    url, _ = taro_server_url
+    rc = serve_bench.main(["--url", url, "--concurrency", "1", "3", "--requests", "3", "--max-tokens", "5",
+                           "--modes", "router", "fixed:0.5", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "serve_bench.json").read_text())["rows"]
+    assert [(r["mode"], r["concurrency"]) for r in rows] == [("router", 1), ("router", 3), ("fixed:0.5", 1),
+                                                             ("fixed:0.5", 3)]
+    # ignore_eos: every request streams exactly max_tokens tokens
+    assert all(r["errors"] == 0 and r["output_tokens"] == 3 * 5 and r["ttft_p50_s"] > 0 for r in rows)
+    assert "| fixed:0.5 | 3 | 3 / 3 |" in (tmp_path / "serve_bench.md").read_text()
+
+
+def test_online_serve_bench_rejects_unknown_mode_and_missing_server(tmp_path):
+    from benchmarks import serve_bench
+
+    with pytest.raises(SystemExit):
+        serve_bench.main(["--modes", "sometimes", "--out", str(tmp_path)])
+    from server_utils import free_port
+
+    assert serve_bench.main(["--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path)]) == 2

@@ -116,3 +116,20 @@ def test_topk_features_are_log_probs_at_the_selected_ids():
     torch.testing.assert_close(f.logp_reward, torch.log_softmax(zr, -1).gather(1, f.ids))
     f_base = mix.topk_features(zb, zr, k=4, source="base")
     assert torch.equal(f_base.ids, zb.topk(4).indices)  # sorted by the base's logit
+
+
+@pytest.mark.parametrize("v", [4096, 49152, 151_936 + 37])  # a vocab tail that is not a whole block too
+@pytest.mark.parametrize("k", [1, 8, 32])
+def test_blocked_topk_ids_equal_torch_topk(v, k):
+    zb, _ = pair(n=5, v=v, seed=v + k)
+    zb[0, ::3] = float("-inf")  # masked tokens
+    zb[1, -5:] = 100.0 + torch.arange(5.0)  # the winners sit in the tail
+    zb[2, :64] = 50.0 + torch.arange(64.0)  # every winner in one block
+    assert torch.equal(mix.topk_ids(zb, k), zb.topk(k).indices)
+
+
+def test_blocked_topk_survives_nan_rows():
+    zb, _ = pair(n=3, v=8192)
+    zb[1, 100] = float("nan")
+    ids = mix.topk_ids(zb, 8)
+    assert ids.shape == (3, 8) and torch.equal(ids[[0, 2]], zb[[0, 2]].topk(8).indices)
