@@ -77,7 +77,10 @@ def save_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
 
 
 def has_state(run_dir: Path) -> bool:
-    return (run_dir / STATE_DIR / "state.json").is_file()
+    final, old = run_dir / STATE_DIR, run_dir / (STATE_DIR + ".old")
+    if not final.exists() and (old / "state.json").is_file():
+        os.replace(old, final)  # killed between the two renames of save_state: the previous state is complete
+    return (final / "state.json").is_file()
 
 
 # Settings that may change between a killed run and its resume; everything else must match.
@@ -87,7 +90,13 @@ RESUMABLE_KEYS = frozenset({"resume", "max_steps", "stop_after", "progress", "ke
 def load_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, config: dict[str, Any]) -> dict:
     """Restore weights + optimizer in place; returns the saved metadata (``step``, ``extra``)."""
     d = run_dir / STATE_DIR
-    meta = json.loads((d / "state.json").read_text())
+    try:
+        meta = json.loads((d / "state.json").read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "optimizer" not in meta:
+            raise ValueError("missing 'step' or 'optimizer'")
+    except (OSError, ValueError) as e:
+        raise TrainingSetupError(f"cannot resume: {d / 'state.json'} is corrupt ({e}); "
+                                 f"delete {d} to start over, or resume from a copy") from None
     saved = meta.get("config", {})
     diff = sorted(k for k in set(saved) | set(config)
                   if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
@@ -95,16 +104,32 @@ def load_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
         raise TrainingSetupError(f"cannot resume {d}: settings differ from the interrupted run ({details}); "
                                  "use the same settings or a new --out")
-    weights = load_file(str(d / "weights.safetensors"))
+    weights = _load_tensors(d / "weights.safetensors")
     params = dict(model.named_parameters())
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
     if missing or set(weights) - set(params):
         raise TrainingSetupError(f"cannot resume {d}: saved weights do not match the model (missing {missing[:5]})")
+    bad = sorted(n for n, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise TrainingSetupError(f"cannot resume {d}: weights.safetensors holds NaN/inf in {bad[:5]}")
+    opt_tensors = _load_tensors(d / "optimizer.safetensors")
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].dtype))
-    opt.load_state_dict(_unflatten_optimizer(load_file(str(d / "optimizer.safetensors")), meta["optimizer"]))
+    try:
+        opt.load_state_dict(_unflatten_optimizer(opt_tensors, meta["optimizer"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise TrainingSetupError(f"cannot resume {d}: optimizer state does not match ({e})") from None
     return meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors only (never pickle); a missing or truncated file is a refusal, not a traceback."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated headers and data
+        raise TrainingSetupError(f"cannot resume: {path} is missing or corrupt ({e}); "
+                                 f"delete {path.parent} to start over") from None
 
 
 def clear_state(run_dir: Path) -> None:

@@ -1,0 +1,102 @@
+"""Trainer faults, for real: a training process killed with SIGKILL resumes from its last checkpoint and ends with
+the same weights as an uninterrupted run; a corrupt resumable state is refused with a clear error, never loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from router_training.__main__ import main
+from router_training.data import save_records
+from router_training.reward_trainer import trained_weights
+from test_training_reward import cue_pairs
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    return save_records(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", cue_pairs(40))
+
+
+def reward_cli(tiny_paths, pairs_file, out: Path, *extra: str) -> list[str]:
+    return ["reward", "--model", str(tiny_paths["tiny-llama-reward"]), "--data", str(pairs_file), "--out", str(out),
+            "--max-steps", str(STEPS), "--checkpoint-every", "5", "--eval-every", str(STEPS), "--batch-size", "4",
+            "--max-len", "32", "--lr", "1e-3", "--heldout-fraction", "0.1", "--no-chat-template", "--no-progress",
+            "--seed", "0", *extra]
+
+
+def saved_step(out: Path) -> int | None:
+    f = out / "train" / "state" / "state.json"
+    try:
+        return json.loads(f.read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_sigkilled_training_resumes_to_the_same_weights(tmp_path, tiny_paths, pairs_file):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(reward_cli(tiny_paths, pairs_file, whole)) == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "router_training", *reward_cli(tiny_paths, pairs_file, killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    deadline = time.monotonic() + 300
+    while (saved_step(killed) or 0) < 10 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run must still be training when it is killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = saved_step(killed)
+    assert at_kill is not None and at_kill < STEPS  # killed mid-run, with a checkpoint on disk
+    assert not (killed / "model.safetensors").exists()
+
+    assert main(reward_cli(tiny_paths, pairs_file, killed, "--resume")) == 0
+    rows = [json.loads(line) for line in (killed / "train" / "metrics.jsonl").open()]
+    assert max(r["step"] for r in rows) == STEPS
+    a, b = trained_weights(whole), trained_weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate weights.safetensors", "weights.safetensors is missing or corrupt"),
+    ("truncate optimizer.safetensors", "optimizer.safetensors is missing or corrupt"),
+    ("garble state.json", "state.json is corrupt"),
+    ("NaN in weights.safetensors", "holds NaN/inf"),
+])
+def test_corrupt_training_state_is_refused(tmp_path, tiny_paths, pairs_file, capsys, damage, message):
+    out = tmp_path / "run"
+    args = reward_cli(tiny_paths, pairs_file, out, "--stop-after", "5")
+    assert main(args) == 0 and saved_step(out) == 5
+    state = out / "train" / "state"
+    what, name = damage.split(" ", 1)
+    if what == "truncate":
+        data = (state / name.split()[0]).read_bytes()
+        (state / name.split()[0]).write_bytes(data[: len(data) // 2])
+    elif what == "garble":
+        (state / "state.json").write_text('{"step": 5, "optim')
+    else:
+        from safetensors.torch import load_file, save_file
+
+        w = load_file(str(state / "weights.safetensors"))
+        first = next(iter(w))
+        w[first] = torch.full_like(w[first], float("nan"))
+        save_file(w, str(state / "weights.safetensors"))
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    capsys.readouterr()
+    rc = main(reward_cli(tiny_paths, pairs_file, out, "--resume"))
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after transformers' weight-loading progress bar
+    assert rc == 2 and last.startswith("error: ") and message in last and "Traceback" not in err, err
+    # Nothing the user had is touched by the refusal.
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
