@@ -1,6 +1,6 @@
 """Accuracy of base / reward / fixed-a (GenARM) / TARo, served through the plugin (the code path users get).
 
-    python -m benchmarks.accuracy --router ROUTER_CKPT [--router-full CKPT]       # SmolLM2 recipe artefacts
+    python -m benchmarks.accuracy --router ROUTER_CKPT [--router-full CKPT] [--extra-router LABEL=CKPT ...]
     python -m benchmarks.accuracy --smoke                                          # tiny models (test suite)
 
 * In-domain: held-out GSM-symbolic problems - the 100 original GSM8K test items (never in a training set) plus fresh
@@ -8,7 +8,8 @@
   final number (:mod:`benchmarks.answers`).
 * Out-of-domain: short non-math instructions with exact checks (:mod:`benchmarks.ood_tasks`; why: see there).
 * Methods, on one TARo engine per router: base alone, reward alone, fixed a sweep (GenARM), TARo top-K, and TARo
-  full-logits when ``--router-full`` is given. Greedy decoding.
+  full-logits when ``--router-full`` is given, and any ``--extra-router`` (e.g. one trained with the preference
+  objective). Greedy decoding.
 
 Writes ``accuracy.json``/``.md`` (accuracy with 95% Wilson intervals), ``accuracy.png`` (accuracy vs fixed a, TARo
 as lines), ``alphas.html`` (per-token a_t over generated solutions) and the mean a_t by token class.
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--router", type=Path, help="top-K router checkpoint (names its reward model)")
     p.add_argument("--router-full", type=Path, help="full-logits router checkpoint (optional)")
+    p.add_argument("--extra-router", action="append", default=[], metavar="LABEL=CKPT",
+                   help="another router to compare, reported as 'TARo LABEL' (repeatable)")
     p.add_argument("--base", type=Path, help="base model (default: SmolLM2-135M-Instruct asset)")
     p.add_argument("--reward", type=Path, help="override the reward model the router names")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75])
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         args.base = tiny["tiny-llama-base"]
         work = Path(tempfile.mkdtemp(prefix="taro-acc-"))
         args.router = _random_router(work / "topk", args.base, tiny["tiny-llama-reward"], "topk")
+        args.router_full = _random_router(work / "full", args.base, tiny["tiny-llama-reward"], "full")
         args.alphas, args.variants, args.max_gsm, args.n_ood = [0.5], 0, 3, 3
         args.max_tokens, args.ood_max_tokens, args.eager = 8, 4, True
     if args.router is None:
@@ -178,9 +182,14 @@ def main(argv: list[str] | None = None) -> int:
                + [{"label": "TARo top-K", "extra_args": {}}])
     print(f"accuracy: {len(gsm)} in-domain, {len(ood)} out-of-domain items", flush=True)
     raw = run_engine({**common, "router": str(args.router), "methods": methods})
-    if args.router_full:
-        raw.update(run_engine({**common, "router": str(args.router_full),
-                               "methods": [{"label": "TARo full-logits", "extra_args": {}}]}))
+    extra = [("full-logits", str(args.router_full))] if args.router_full else []
+    for spec in args.extra_router:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not Path(path).is_dir():
+            p.error(f"--extra-router wants LABEL=CKPT_DIR, got {spec!r}")
+        extra.append((label, path))
+    for label, path in extra:
+        raw.update(run_engine({**common, "router": path, "methods": [{"label": f"TARo {label}", "extra_args": {}}]}))
     rows = []
     for key, res in raw.items():
         label, task = key.split("|")
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                      "ci95": [lo, hi]})
     by_class = alpha_by_class(raw)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"base": str(base), "router": str(args.router), "router_full": str(args.router_full or ""),
+    report = {"base": str(base), "router": str(args.router), "extra_routers": dict(extra),
               "rows": rows, "alpha_by_token_class": by_class}
     (args.out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     write_table(rows, by_class, args.out / "accuracy.md")
@@ -205,15 +214,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def alpha_by_class(raw: dict) -> dict:
-    sums: dict[str, list[float]] = {}
+    """Mean a_t by token class over each TARo method's in-domain outputs: {method: {class: {mean_a, tokens}}}."""
+    out: dict = {}
     for key, res in raw.items():
-        if not key.startswith("TARo top-K|"):
+        label, task = key.split("|")
+        if not label.startswith("TARo") or task != "gsm":
             continue
+        sums: dict[str, list[float]] = {}
         for tr in res["traces"]:
             for piece, a in zip(tr["pieces"], tr["alphas"]):
                 if a == a:  # skip NaN
                     sums.setdefault(token_class(piece), []).append(a)
-    return {c: {"mean_a": sum(v) / len(v), "tokens": len(v)} for c, v in sorted(sums.items())}
+        out[label] = {c: {"mean_a": sum(v) / len(v), "tokens": len(v)} for c, v in sorted(sums.items())}
+    return out
 
 
 def write_table(rows: list[dict], by_class: dict, path: Path) -> None:
@@ -225,8 +238,9 @@ def write_table(rows: list[dict], by_class: dict, path: Path) -> None:
         g = next(r for r in rows if r["method"] == m and r["task"] == "gsm")
         o = next(r for r in rows if r["method"] == m and r["task"] == "ood")
         lines.append(f"| {m} | {cell(g)} | {cell(o)} |")
-    lines += ["", "| token class (TARo top-K outputs) | mean a_t | tokens |", "|---|---:|---:|"]
-    lines += [f"| {c} | {v['mean_a']:.3f} | {v['tokens']} |" for c, v in by_class.items()]
+    for label, classes in by_class.items():
+        lines += ["", f"| token class ({label}, in-domain outputs) | mean a_t | tokens |", "|---|---:|---:|"]
+        lines += [f"| {c} | {v['mean_a']:.3f} | {v['tokens']} |" for c, v in classes.items()]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -251,10 +265,9 @@ def plot(rows: list[dict], alphas: list[float], path: Path) -> None:
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
                     yerr=[[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]], marker="o", capsize=3,
                     label="fixed a (GenARM); a=0 base, a=1 reward")
-        for r in rows:
-            if r["task"] == task and r["method"].startswith("TARo"):
-                ax.axhline(r["accuracy"], linestyle="--", color="C1" if "top-K" in r["method"] else "C2",
-                           label=r["method"])
+        taro = [r for r in rows if r["task"] == task and r["method"].startswith("TARo")]
+        for i, r in enumerate(taro):
+            ax.axhline(r["accuracy"], linestyle="--", color=f"C{i + 1}", label=r["method"])
         ax.set_xlabel("fixed mixing weight a")
         ax.set_ylabel("accuracy")
         ax.set_title(title)
@@ -265,16 +278,19 @@ def plot(rows: list[dict], alphas: list[float], path: Path) -> None:
 
 
 def write_alpha_html(raw: dict, path: Path, n: int = 5) -> None:
-    res = raw.get("TARo top-K|gsm", {"traces": []})
-    parts = ["<html><meta charset='utf-8'><body style='font-family:monospace;max-width:60em'>",
-             "<h3>TARo a_t per token (white = base, red = reward)</h3>"]
-    for tr in res["traces"][:n]:
-        parts.append("<p>")
-        for piece, a in zip(tr["pieces"], tr["alphas"]):
-            a = 0.0 if a != a else a
-            parts.append(f"<span title='a={a:.3f}' style='background:rgba(220,40,40,{a:.3f})'>"
-                         f"{html.escape(piece).replace(chr(10), '<br>')}</span>")
-        parts.append("</p><hr>")
+    parts = ["<html><meta charset='utf-8'><body style='font-family:monospace;max-width:60em'>"]
+    for key, res in raw.items():
+        label, task = key.split("|")
+        if not label.startswith("TARo") or task != "gsm":
+            continue
+        parts.append(f"<h3>{html.escape(label)}: a_t per token (white = base, red = reward)</h3>")
+        for tr in res["traces"][:n]:
+            parts.append("<p>")
+            for piece, a in zip(tr["pieces"], tr["alphas"]):
+                a = 0.0 if a != a else a
+                parts.append(f"<span title='a={a:.3f}' style='background:rgba(220,40,40,{a:.3f})'>"
+                             f"{html.escape(piece).replace(chr(10), '<br>')}</span>")
+            parts.append("</p><hr>")
     parts.append("</body></html>")
     path.write_text("".join(parts))
 

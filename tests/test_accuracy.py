@@ -46,8 +46,11 @@ def test_accuracy_smoke_through_the_plugin(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "accuracy.json").read_text())
     methods = {row["method"] for row in report["rows"]}
-    assert methods == {"base", "reward", "fixed a=0.5", "TARo top-K"}
+    assert methods == {"base", "reward", "fixed a=0.5", "TARo top-K", "TARo full-logits"}
     assert all(row["n"] == 3 for row in report["rows"])
-    assert report["alpha_by_token_class"]  # a_t were recorded for TARo's tokens
+    # a_t were recorded for each TARo router's tokens, and a random router's a_t lie strictly inside (0, 1)
+    by_class = report["alpha_by_token_class"]
+    assert set(by_class) == {"TARo top-K", "TARo full-logits"}
+    assert all(0 < v["mean_a"] < 1 for classes in by_class.values() for v in classes.values())
     for f in ("accuracy.md", "accuracy.png", "alphas.html"):
         assert (tmp_path / f).stat().st_size > 100

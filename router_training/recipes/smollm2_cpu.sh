@@ -47,4 +47,19 @@ if [[ ! -f "$RUN/router/model.safetensors" ]]; then
     --heldout-fraction 0.1 --max-eval 12 --eval-every 20 --checkpoint-every 10 --seed 0 --resume
 fi
 t3=$(stamp); echo "router: $((t3 - t2)) s"
-echo "total: $((t3 - t0)) s"
+
+# Optional (EXTRA_ROUTERS=1, ~25 min more): the full-logits router, and a top-K router with the preference term
+# (the mixed distribution must prefer the chosen step over the rejected one), for benchmarks/accuracy.py.
+if [[ "${EXTRA_ROUTERS:-0}" == 1 ]]; then
+  EXTRA_STEPS=${EXTRA_STEPS:-30}
+  common=(--base "$BASE" --reward "$RUN/reward" --data "$RUN/data/solutions_gsm.jsonl" --warmup 4
+          --max-steps "$EXTRA_STEPS" --batch-size 2 --max-len 160 --heldout-fraction 0.1 --max-eval 12
+          --eval-every "$EXTRA_STEPS" --checkpoint-every 10 --seed 0 --resume)
+  [[ -f "$RUN/router_full/model.safetensors" ]] || \
+    python -m router_training router "${common[@]}" --out "$RUN/router_full" --kind full --lr 1e-3
+  [[ -f "$RUN/router_pref/model.safetensors" ]] || \
+    python -m router_training router "${common[@]}" --out "$RUN/router_pref" --kind topk --k 8 --source both \
+      --lr 3e-3 --pairs "$RUN/data/pairs_gsm.jsonl" --pref-weight 2.0 --pref-beta 0.1
+fi
+t4=$(stamp); echo "extra routers: $((t4 - t3)) s"
+echo "total: $((t4 - t0)) s"
