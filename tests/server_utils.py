@@ -19,9 +19,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def taro_server(args: list[str], log: Path, *, timeout: float = 600, env: dict | None = None):
+def taro_server(args: list[str], log: Path, *, timeout: float = 600, env: dict | None = None,
+                command: str = "serve"):
     port = free_port()
-    cmd = [sys.executable, "-m", "taro_vllm.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "taro_vllm.cli", command, *args, "--host", "127.0.0.1", "--port", str(port)]
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine core as vLLM does by default
     with open(log, "w") as f:

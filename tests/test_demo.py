@@ -1,0 +1,23 @@
+"""README's main command, `taro-vllm demo`, on a fresh machine: it builds the SmolLM2 asset, serves TARo through the
+OpenAI API and records a_t (here with --enforce-eager to keep the suite short; otherwise the demo's own defaults)."""
+
+import httpx
+import pytest
+
+from server_utils import taro_server
+
+pytestmark = pytest.mark.engine
+
+
+def test_demo_serves_taro_on_smollm2(tmp_path):
+    with taro_server(["--enforce-eager"], tmp_path / "demo.log", command="demo") as (url, proc):
+        body = {"model": "taro", "prompt": "Q: 12 + 7 = ?\nA:", "max_tokens": 8, "temperature": 0,
+                "vllm_xargs": {"taro_trace": "demo-1"}}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        out = r.json()["choices"][0]
+        assert out["text"] and out["finish_reason"] in ("length", "stop")
+        alphas = httpx.get(f"{url}/v1/taro/alphas/demo-1", timeout=30).json()["alphas"]
+        assert 1 <= len(alphas) <= 8 and all(0 < a < 1 for a in alphas)
+    log = (tmp_path / "demo.log").read_text()
+    assert "taro-vllm demo: base" in log and "smollm2-135m-instruct" in log
