@@ -30,7 +30,7 @@ def test_router_op_microbenchmark_smoke(tmp_path):
     assert router_op.main(["--vocab", "1000", "--batch", "1", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "router_op.json").read_text())
     assert {(r["batch"], r["router"]) for r in rows} == {(1, "topk"), (1, "full"), (4, "topk"), (4, "full")}
-    assert all(r["fused_ms"] > 0 and r["fused_GBps"] > 0 for r in rows)
+    assert all(r["fused_ms"] > 0 and r["fused_GBps"] > 0 and r["mix_only_ms"] > 0 for r in rows)
 
 
 @pytest.mark.engine
