@@ -213,13 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def taro_in_domain(raw: dict):
+    """(method label, result) of each TARo method on the in-domain task; raw is keyed 'label|task'."""
+    for key, res in raw.items():
+        label, task = key.split("|")
+        if label.startswith("TARo") and task == "gsm":
+            yield label, res
+
+
 def alpha_by_class(raw: dict) -> dict:
     """Mean a_t by token class over each TARo method's in-domain outputs: {method: {class: {mean_a, tokens}}}."""
     out: dict = {}
-    for key, res in raw.items():
-        label, task = key.split("|")
-        if not label.startswith("TARo") or task != "gsm":
-            continue
+    for label, res in taro_in_domain(raw):
         sums: dict[str, list[float]] = {}
         for tr in res["traces"]:
             for piece, a in zip(tr["pieces"], tr["alphas"]):
@@ -279,10 +284,7 @@ def plot(rows: list[dict], alphas: list[float], path: Path) -> None:
 
 def write_alpha_html(raw: dict, path: Path, n: int = 5) -> None:
     parts = ["<html><meta charset='utf-8'><body style='font-family:monospace;max-width:60em'>"]
-    for key, res in raw.items():
-        label, task = key.split("|")
-        if not label.startswith("TARo") or task != "gsm":
-            continue
+    for label, res in taro_in_domain(raw):
         parts.append(f"<h3>{html.escape(label)}: a_t per token (white = base, red = reward)</h3>")
         for tr in res["traces"][:n]:
             parts.append("<p>")

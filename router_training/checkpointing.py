@@ -125,9 +125,11 @@ def load_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """safetensors only (never pickle); a missing or truncated file is a refusal, not a traceback."""
+    from safetensors import SafetensorError
+
     try:
         return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated headers and data
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # as taro_vllm.checkpoint._load_tensors
         raise TrainingSetupError(f"cannot resume: {path} is missing or corrupt ({e}); "
                                  f"delete {path.parent} to start over") from None
 

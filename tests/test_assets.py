@@ -56,7 +56,7 @@ def test_missing_package_says_what_to_install(monkeypatch):
         assets.smollm2_gguf()
 
 
-def test_qwen_chunks_missing_is_a_clear_error(tmp_path, monkeypatch):
+def test_qwen_chunks_missing_is_a_clear_error(tmp_path):
     import dataclasses
 
     # The opt-in chunk packages may be installed on this machine: ask for a dist that cannot be.

@@ -65,14 +65,19 @@ def tp2(tiny_paths, tokenizer, tmp_path_factory):
     return spec, json.loads((tmp / "out.json").read_text()), router
 
 
+@pytest.fixture(scope="module")
+def hf_pair(tiny_paths):
+    return tuple(AutoModelForCausalLM.from_pretrained(tiny_paths[name], dtype=torch.float32).eval()
+                 for name in ("tiny-llama-base", "tiny-llama-reward"))
+
+
 @pytest.mark.parametrize("mode", ["base", "fixed 0.5", "router"])
-def test_tp2_equals_the_hugging_face_reference(tp2, tiny_paths, mode):
+def test_tp2_equals_the_hugging_face_reference(tp2, hf_pair, mode):
     from taro_vllm.checkpoint import load_router
     from taro_vllm.hf_generate import generate_mixed
 
     spec, out, router_path = tp2
-    base = AutoModelForCausalLM.from_pretrained(tiny_paths["tiny-llama-base"], dtype=torch.float32).eval()
-    reward = AutoModelForCausalLM.from_pretrained(tiny_paths["tiny-llama-reward"], dtype=torch.float32).eval()
+    base, reward = hf_pair
     kw = {"base": {"alpha": 0.0}, "fixed 0.5": {"alpha": 0.5}, "router": {"router": load_router(router_path)[0]}}
     hf = generate_mixed(base, reward, spec["prompts"], MAX_TOKENS, **kw[mode])
     for h, o in zip(hf, out[mode]):

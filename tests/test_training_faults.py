@@ -68,30 +68,30 @@ def test_sigkilled_training_resumes_to_the_same_weights(tmp_path, tiny_paths, pa
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate weights.safetensors", "weights.safetensors is missing or corrupt"),
-    ("truncate optimizer.safetensors", "optimizer.safetensors is missing or corrupt"),
-    ("garble state.json", "state.json is corrupt"),
-    ("NaN in weights.safetensors", "holds NaN/inf"),
+@pytest.mark.parametrize("damage, file, message", [
+    ("truncate", "weights.safetensors", "weights.safetensors is missing or corrupt"),
+    ("truncate", "optimizer.safetensors", "optimizer.safetensors is missing or corrupt"),
+    ("garble", "state.json", "state.json is corrupt"),
+    ("nan", "weights.safetensors", "holds NaN/inf"),
 ])
-def test_corrupt_training_state_is_refused(tmp_path, tiny_paths, pairs_file, capsys, damage, message):
+def test_corrupt_training_state_is_refused(tmp_path, tiny_paths, pairs_file, capsys, damage, file, message):
     out = tmp_path / "run"
     args = reward_cli(tiny_paths, pairs_file, out, "--stop-after", "5")
     assert main(args) == 0 and saved_step(out) == 5
-    state = out / "train" / "state"
-    what, name = damage.split(" ", 1)
-    if what == "truncate":
-        data = (state / name.split()[0]).read_bytes()
-        (state / name.split()[0]).write_bytes(data[: len(data) // 2])
-    elif what == "garble":
-        (state / "state.json").write_text('{"step": 5, "optim')
+    path = out / "train" / "state" / file
+    if damage == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garble":
+        path.write_text('{"step": 5, "optim')
     else:
         from safetensors.torch import load_file, save_file
 
-        w = load_file(str(state / "weights.safetensors"))
+        w = load_file(str(path))
         first = next(iter(w))
         w[first] = torch.full_like(w[first], float("nan"))
-        save_file(w, str(state / "weights.safetensors"))
+        save_file(w, str(path))
+    state = path.parent
     before = {p.name: p.read_bytes() for p in state.iterdir()}
     capsys.readouterr()
     rc = main(reward_cli(tiny_paths, pairs_file, out, "--resume"))

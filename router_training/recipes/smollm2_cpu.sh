@@ -48,7 +48,7 @@ if [[ ! -f "$RUN/router/model.safetensors" ]]; then
 fi
 t3=$(stamp); echo "router: $((t3 - t2)) s"
 
-# Optional (EXTRA_ROUTERS=1, ~25 min more): the full-logits router, and a top-K router with the preference term
+# Optional (EXTRA_ROUTERS=1, ~4 min more on an idle 2-core box): the full-logits router, and a top-K router with the preference term
 # (the mixed distribution must prefer the chosen step over the rejected one), for benchmarks/accuracy.py.
 if [[ "${EXTRA_ROUTERS:-0}" == 1 ]]; then
   EXTRA_STEPS=${EXTRA_STEPS:-30}
