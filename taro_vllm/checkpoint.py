@@ -21,7 +21,9 @@ from taro_vllm.router import Router, RouterConfig, build_router
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "taro-router"
-FORMAT_VERSION = 1
+# 2: the routers' inputs are scaled (RouterConfig.input_scale; the full router's row-centred) and a fresh router
+#    starts at a = 0.1. Weights trained on format-1 inputs would read inputs 10x smaller / shifted: not loadable.
+FORMAT_VERSION = 2
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -104,6 +106,13 @@ def read_config(path: str | os.PathLike) -> RouterCheckpointConfig:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f'{cfg_file} is not a TARo router config (expected "format": "{FORMAT}")')
+    if raw.get("format_version") == 1:
+        raise CheckpointError(
+            f"{cfg_file} is a format-1 router checkpoint: the router's input scaling changed in format 2 (log-prob "
+            "inputs multiplied by input_scale, the full-logits router's row-centred), so its weights would read "
+            "inputs on another scale. The router must be retrained (`taro-vllm train router ...` or "
+            "`taro-vllm train fit-router ...`), which writes a format-2 checkpoint."
+        )
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{cfg_file} has format_version {raw.get('format_version')!r}; this taro_vllm reads {FORMAT_VERSION}"

@@ -54,3 +54,184 @@ def test_accuracy_smoke_through_the_plugin(tmp_path):
     assert all(0 < v["mean_a"] < 1 for classes in by_class.values() for v in classes.values())
     for f in ("accuracy.md", "accuracy.png", "alphas.html"):
         assert (tmp_path / f).stat().st_size > 100
+
+
+# --- TAWP: statistics and selection are pure (hand-made inputs, no engine) -----------------------------------------
+
+from benchmarks import accuracy_tawp, stats  # noqa: E402
+
+
+def test_exact_mcnemar_on_hand_counted_tables():
+    # 5 items only A gets right, none only B: p = 2 * (1/2)^5
+    r = stats.mcnemar([1] * 5 + [1, 0, 0], [0] * 5 + [1, 0, 0])
+    assert (r["a_only"], r["b_only"], r["n"]) == (5, 0, 8) and r["p"] == pytest.approx(0.0625)
+    assert r["diff_points"] == pytest.approx(62.5)
+    # 9 vs 1 discordant: p = 2 * (C(10,0) + C(10,1)) / 2^10
+    r = stats.mcnemar([1] * 9 + [0] + [1] * 30, [0] * 9 + [1] + [1] * 30)
+    assert r["p"] == pytest.approx(2 * 11 / 1024) and r["diff_points"] == pytest.approx(20.0)
+    assert stats.mcnemar([1, 0], [0, 1])["p"] == 1.0 and stats.mcnemar([1, 1], [1, 1])["p"] == 1.0
+    assert stats.binom_two_sided(0, 0) == 1.0
+    with pytest.raises(ValueError):
+        stats.mcnemar([1], [1, 0])
+
+
+def test_exact_binomial_tail_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for n in (1, 7, 40, 400):
+        for k in (0, n // 3, n // 2, n):
+            assert stats.binom_two_sided(k, n) == pytest.approx(scipy_stats.binomtest(k, n).pvalue, rel=1e-9)
+
+
+def test_selection_ties_go_to_the_smaller_alpha_and_the_first_router():
+    assert stats.select_best_alpha({0.5: 0.4, 0.1: 0.3, 0.25: 0.4, 0.75: 0.2}) == 0.25
+    assert stats.select_best_label({"TARo": 0.4, "TARo pref": 0.4, "TARo full": 0.1}) == "TARo"
+    assert stats.select_best_label({"TARo": 0.3, "TARo pref": 0.4}) == "TARo pref"
+
+
+def _hand_made(n: int = 20) -> dict:
+    """Per-item correctness where test and validation disagree on the best fixed a and the best router."""
+    def ok(k: int) -> list[bool]:
+        return [True] * k + [False] * (n - k)
+    return {
+        "base": {"val": ok(5), "test": ok(5), "ood": ok(10)},
+        "reward": {"val": ok(2), "test": ok(2), "ood": ok(2)},
+        "fixed a=0.25": {"val": ok(8), "test": ok(6), "ood": ok(9)},
+        "fixed a=0.5": {"val": ok(8), "test": ok(12), "ood": ok(4)},  # ties a=0.25 on val, best on test
+        "TARo": {"val": ok(9), "test": ok(15), "ood": ok(10)},
+        "TARo pref": {"val": ok(7), "test": ok(19), "ood": ok(10)},  # best on test, not on val
+    }
+
+
+def _by_class() -> dict:
+    cls = {"digits": {"mean_a": 0.6, "tokens": 30}, "operators": {"mean_a": 0.3, "tokens": 10},
+           "names/items": {"mean_a": 0.2, "tokens": 5}, "all": {"mean_a": 0.4, "tokens": 60}}
+    ood = {"names/items": {"mean_a": 0.05, "tokens": 4}, "all": {"mean_a": 0.08, "tokens": 20}}
+    return {"TARo": {"test": cls, "ood": ood}, "TARo pref": {"test": cls, "ood": ood}}
+
+
+def test_tawp_report_selects_on_validation_never_on_test():
+    report = accuracy_tawp.build_report(_hand_made(), [0.25, 0.5], ["TARo", "TARo pref"], _by_class())
+    sel = report["selection"]
+    assert (sel["best_fixed_alpha"], sel["best_fixed"], sel["taro"]) == (0.25, "fixed a=0.25", "TARo")
+    assert sel["val_accuracy"]["TARo"] == pytest.approx(0.45)
+    pairs = [(c["a"], c["b"]) for c in report["comparisons"]["test"]]
+    assert pairs == [("TARo", "base"), ("TARo", "fixed a=0.25"), ("fixed a=0.25", "base"), ("TARo pref", "base")]
+    taro_vs_base = report["comparisons"]["test"][0]
+    assert (taro_vs_base["a_only"], taro_vs_base["b_only"]) == (10, 0)
+    assert taro_vs_base["diff_points"] == pytest.approx(50.0) and taro_vs_base["p"] == pytest.approx(2 / 1024)
+    # McNemar can be recomputed from the per-item correctness the report carries
+    assert stats.mcnemar(report["correct"]["TARo"]["test"], report["correct"]["base"]["test"]) == \
+        {k: v for k, v in taro_vs_base.items() if k not in ("a", "b")}
+    holds = {r["target"]: r["holds"] for r in report["pattern"]}
+    assert holds["in-domain: base < best fixed a < TARo"] is True  # 25 < 30 < 75
+    assert holds["in-domain: TARo >= best fixed a + 3 points"] is True
+    assert holds["OOD: TARo within 2 points of base"] is True
+    assert holds["OOD: best fixed a loses >= 5 points vs base"] is True  # 50 -> 45
+    assert holds["mean a_t on digits/operators >= 2x names/items (in-domain)"] is True  # 0.525 vs 0.2
+    assert holds["mean a_t on OOD outputs <= 0.1"] is True
+
+
+def test_tawp_markdown_from_a_hand_made_report(tmp_path):
+    report = accuracy_tawp.build_report(_hand_made(), [0.25, 0.5], ["TARo", "TARo pref"], _by_class())
+    report.update(base="B", routers={"TARo": "R1", "TARo pref": "R2"}, data="D", seconds={"total": 60.0},
+                  settings={"n_val": 20, "n_test": 20, "n_ood": 20, "n_gsm": 0, "max_tokens": 48,
+                            "ood_max_tokens": 24, "eager": True, "dtype": "float32"})
+    accuracy_tawp.write_md(report, tmp_path / "accuracy.md")
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| fixed a=0.25 **<- best fixed a (val-selected)** | 40.0%" in md
+    assert "| TARo **<- TARo (val-selected)** | 45.0%" in md
+    assert "| in-domain test | TARo | base | +50.0 | 10 | 0 | 0.00195 |" in md
+    assert "| digits | 0.600 (30) |" in md
+
+
+def test_tawp_token_context_words():
+    assert accuracy_tawp.ood_context_words("Write the word 'apple' in capital letters.") == ("apple",)
+    assert accuracy_tawp.ood_context_words("What is the capital of France?") == ()
+    traces = [{"pieces": ["Tom", " 5", " +", " 3", " =", " 8", "\n", "APPLE"], "alphas": [0.1, 0.5, 0.4, 0.5, 0.2,
+                                                                                             0.5, float("nan"), 0.0]}]
+    by = accuracy_tawp.alpha_by_class(traces, [("Tom", "apple")])
+    assert by["digits"] == {"mean_a": 0.5, "tokens": 3} and by["names/items"]["tokens"] == 2
+    assert by["operators"]["mean_a"] == pytest.approx(0.4) and by["="]["tokens"] == 1
+    assert by["all"]["tokens"] == 7  # the NaN is skipped
+
+
+def test_tawp_run_end_to_end_with_scripted_engines(tmp_path, monkeypatch):
+    """run() from items to files, with the engines replaced by scripted outputs: TARo solves every in-domain
+    problem, the other methods none."""
+    from benchmarks import accuracy
+    from router_training import tawp
+
+    splits = tawp.make_splits(accuracy_tawp.SMOKE_SIZES)
+    specs = []
+
+    def fake_engine(spec):
+        specs.append(spec)
+        results = {}
+        for m in spec["methods"]:
+            for task, t in spec["tasks"].items():
+                solve = m["label"].startswith("TARo") and task in splits
+                texts = [p.gold_solution() if solve else "1 + 1 = 2\nThe answer is 2." for p in splits[task]] \
+                    if task in splits else ["x"] * len(t["prompts"])
+                names = [p.name for p in splits[task]] if task in splits else ["Paul"] * len(texts)
+                traces = [{"pieces": ["1", " +", " 1", " " + n], "alphas": [0.6, 0.4, 0.6, 0.1]} for n in names]
+                results[f"{m['label']}|{task}"] = {"texts": texts, "traces": traces if m.get("trace") else None}
+        return {"results": results, "seconds": {"startup": 1.0}}
+
+    monkeypatch.setattr(accuracy_tawp, "run_engine", fake_engine)
+    args, _ = accuracy.parse_args(["--task", "tawp", "--smoke", "--out", str(tmp_path)])
+    accuracy.smoke_setup(args)
+    args.max_gsm = 0
+    md = accuracy_tawp.run(args, [("full-logits", str(args.router_full))])
+    # the main engine runs every method, the extra router only its TARo; prompts are onpolicy.prompt_ids
+    assert [[m["label"] for m in s["methods"]] for s in specs] == \
+        [["base", "reward", "fixed a=0.25", "fixed a=0.5", "TARo"], ["TARo full-logits"]]
+    from transformers import AutoTokenizer
+
+    from router_training.onpolicy import prompt_ids
+    tok = AutoTokenizer.from_pretrained(str(args.base))
+    assert specs[0]["tasks"]["test"]["prompts"][0] == prompt_ids(tok, splits["test"][0].question)
+    assert specs[0]["tasks"]["test"]["max_tokens"] == 8 and set(specs[0]["tasks"]) == {"val", "test", "ood"}
+    report = json.loads((tmp_path / "accuracy.json").read_text())
+    assert report["selection"]["taro"] == "TARo" and report["selected_router"] == str(args.router)
+    assert report["correct"]["TARo"]["test"] == [1, 1, 1, 1] and report["correct"]["base"]["test"] == [0] * 4
+    first = report["comparisons"]["test"][0]
+    assert (first["a"], first["b"], first["a_only"], first["p"]) == ("TARo", "base", 4, pytest.approx(0.125))
+    cls = report["alpha_by_token_class"]["TARo"]["test"]
+    assert cls["digits"]["mean_a"] == pytest.approx(0.6) and cls["names/items"]["mean_a"] == pytest.approx(0.1)
+    assert "| TARo **<- TARo (val-selected)** | 100.0%" in md
+    for f in ("accuracy.md", "accuracy.png", "alphas.html"):
+        assert (tmp_path / f).stat().st_size > 100
+
+
+@pytest.mark.engine
+def test_tawp_accuracy_smoke_through_the_plugin(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--task", "tawp", "--smoke", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "accuracy.json").read_text())
+    methods = {"base", "reward", "fixed a=0.25", "fixed a=0.5", "TARo", "TARo full-logits"}
+    assert {row["method"] for row in report["rows"]} == methods
+    sizes = {"val": 4, "test": 4, "ood": 3, "gsm": 2}
+    core = methods - {"TARo full-logits"}
+    assert {(row["method"], row["task"]): row["n"] for row in report["rows"]} == \
+        {(m, t): n for m in methods for t, n in sizes.items()}
+    assert report["items"]["test"][0].startswith("tawp-test-") and len(report["items"]["ood"]) == 3
+    # per-item correctness of every method, and the selection was made on validation
+    assert all(len(report["correct"][m][t]) == n for m in methods for t, n in sizes.items())
+    sel = report["selection"]
+    assert report["selected_router"] == report["routers"][sel["taro"]]
+    assert sel["best_fixed"] in core and sel["taro"] in {"TARo", "TARo full-logits"}
+    assert sel["best_fixed_alpha"] == stats.select_best_alpha(
+        {a: sum(report["correct"][f"fixed a={a:g}"]["val"]) for a in (0.25, 0.5)})
+    assert [len(report["comparisons"][t]) for t in ("test", "ood")] == [4, 4]
+    # a_t recorded for each TARo router, in-domain and OOD; a random router's a_t lie strictly inside (0, 1)
+    by_class = report["alpha_by_token_class"]
+    assert set(by_class) == {"TARo", "TARo full-logits"}
+    assert all(0 < v["mean_a"] < 1 for m in by_class.values() for t in ("test", "ood") for v in m[t].values())
+    assert len(report["outputs"]["TARo"]["test"]["traces"]) == 4 and "traces" not in report["outputs"]["base"]["test"]
+    assert len(report["pattern"]) == 7
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "best fixed a (val-selected)" in md and "TARo (val-selected)" in md and "McNemar" in md
+    assert md.strip() in r.stdout
+    for f in ("accuracy.md", "accuracy.png", "alphas.html"):
+        assert (tmp_path / f).stat().st_size > 100

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from taro_vllm import assets
 from taro_vllm.checkpoint import CheckpointError, load_router, read_config, save_router, tokenizer_fingerprint
 from taro_vllm.router import RouterConfig, build_router
 
@@ -141,3 +142,31 @@ def test_config_that_is_not_ours(ckpt):
     (ckpt / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         read_config(ckpt)
+
+
+def test_format_1_checkpoint_must_be_retrained(ckpt):
+    # Format 2 changed what the router's first layer reads (scaled, row-centred log-probs): old weights are refused.
+    raw = json.loads((ckpt / "config.json").read_text())
+    assert raw["format_version"] == 2 and raw["router"]["input_scale"] == 0.1
+    raw["format_version"] = 1
+    del raw["router"]["input_scale"]
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"config\.json is a format-1 router checkpoint: the router's input "
+                                              r"scaling changed in format 2.*must be retrained"):
+        load_router(ckpt)
+
+
+def test_demo_router_rebuilds_an_old_untrained_router_and_skips_an_old_trained_one(tmp_path, monkeypatch, tiny_paths):
+    base = tiny_paths["tiny-llama-base"]
+    monkeypatch.setenv("TARO_VLLM_CACHE", str(tmp_path))
+    for old in (tmp_path / "routers" / "smollm2-untrained", tmp_path / "runs" / "smollm2" / "router"):
+        save_router(old, trained_router())
+        raw = json.loads((old / "config.json").read_text())
+        (old / "config.json").write_text(json.dumps({**raw, "format_version": 1}))
+    with pytest.warns(UserWarning, match="format-1 router checkpoint"):
+        path = assets.demo_router(base)
+    assert path == tmp_path / "routers" / "smollm2-untrained"
+    router, cfg = load_router(path, expected_vocab_size=49152,
+                              expected_tokenizer_fingerprint=tokenizer_fingerprint(base))
+    assert cfg.format_version == 2
+    torch.testing.assert_close(router(torch.randn(3, 49152), torch.randn(3, 49152)), torch.full((3,), 0.1))
