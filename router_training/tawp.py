@@ -142,7 +142,8 @@ def messages(question: str) -> list[dict[str, str]]:
 
 # --- checking --------------------------------------------------------------------------------------------------
 
-_CALC = re.compile(r"^\s*(-?\d+)\s*([+\-*x×])\s*(-?\d+)\s*=\s*(-?\d+)\s*\.?\s*$")
+# A calculation anywhere in a line: small models often wrap it in prose ("so she has 3 - 1 = 2 marbles left").
+_CALC = re.compile(r"(?<![\d.])(-?\d+)\s*([+\-*x×])\s*(-?\d+)\s*=\s*(-?\d+)(?![\d.]\d)")
 _ANSWER = re.compile(r"^\s*The answer is\s*(-?\d+)\s*\.?\s*$", re.IGNORECASE)
 
 ErrorType = Literal["operation", "operand", "result", "final_answer", "missing_step", "extra_step", "format"]
@@ -206,9 +207,9 @@ def check_solution(text: str, problem: Problem) -> Check:
             if int(m_ans.group(1)) != problem.answer:
                 return fail(i, "final_answer", expected)
             return Check(True, answer_ok, None, None, None, lines)
-        m = _CALC.match(line)
-        if not m:
-            return fail(i, "format", expected)
+        m = _CALC.search(line)
+        if not m or line[: m.start()].rstrip()[-1:] in ("+", "-", "*", "x", "×"):
+            return fail(i, "format", expected)  # no calculation, or a chained one ("5 + 6 + 8 = 19")
         a, op, b, c = int(m.group(1)), m.group(2).replace("x", "*").replace("×", "*"), int(m.group(3)), \
             int(m.group(4))
         if k >= len(gold):

@@ -42,6 +42,8 @@ def test_one_prompt_system_line_and_worked_example():
 def test_checker_accepts_the_gold_chain_and_commuted_operands():
     assert tawp.check_solution("5 + 3 = 8\n8 - 2 = 6\nThe answer is 6.", TOM).correct
     assert tawp.check_solution("3 + 5 = 8\n8 - 2 = 6\nThe answer is 6.\nExtra chatter", TOM).correct
+    # A calculation wrapped in prose is still checked.
+    assert tawp.check_solution("Tom buys 3, so 5 + 3 = 8 apples.\nThen 8 - 2 = 6.\nThe answer is 6.", TOM).correct
 
 
 def test_checker_finds_the_first_wrong_line_and_its_kind():
@@ -53,6 +55,8 @@ def test_checker_finds_the_first_wrong_line_and_its_kind():
         "5 + 3 = 8\nThe answer is 8.": (1, "missing_step", "8 - 2 = 6"),
         "5 + 3 = 8\n8 - 2 = 6\n6 + 1 = 7\nThe answer is 7.": (2, "extra_step", "The answer is 6."),
         "Tom buys apples.\nThe answer is 6.": (0, "format", "5 + 3 = 8"),
+        "5 + 3 - 2 = 6\nThe answer is 6.": (0, "format", "5 + 3 = 8"),
+        "Tom gives away 3, so he has 5 - 3 = 2 apples.\nThe answer is 2.": (0, "operation", "5 + 3 = 8"),
     }
     for text, (line, kind, expected) in cases.items():
         chk = tawp.check_solution(text, TOM)

@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 CACHE=$(python -c "from taro_vllm import assets; print(assets.cache_dir())")
 RUN=${RUN:-$CACHE/runs/smollm2-tawp}
-REWARD_PAIRS=${REWARD_PAIRS:-640}
+REWARD_PAIRS=${REWARD_PAIRS:-400}
 REWARD_BATCH=${REWARD_BATCH:-8}
 REWARD_STEPS=${REWARD_STEPS:-$((REWARD_PAIRS / REWARD_BATCH))}
 ROUTER_STEPS=${ROUTER_STEPS:-1500}
@@ -44,8 +44,8 @@ stage() {  # stage NAME DONE_FILE COMMAND...: skip when DONE_FILE exists, else r
 }
 
 stage onpolicy "$RUN/data/manifest.json" \
-  python -m router_training onpolicy --out "$RUN/data" --base "$BASE" --reward-problems 800 --router-problems 400 \
-    --val-problems 150 --test-problems 400 --samples 4 --temperature 0.8 --max-tokens 48
+  python -m router_training onpolicy --out "$RUN/data" --base "$BASE" --reward-problems 250 --router-problems 150 \
+    --val-problems 100 --test-problems 400 --samples 2 --temperature 0.8 --max-tokens 48 $EAGER
 
 reward() {  # reward OUT NLL_WEIGHT
   python -m router_training reward --model "$BASE" --data "$RUN/data/pairs_reward.jsonl" --out "$1" \
@@ -73,7 +73,7 @@ fi
 
 stage features "$RUN/cache/cache.json" \
   python -m router_training features --base "$BASE" --reward "$RUN/reward" --data "$RUN/data/correct_router.jsonl" \
-    --data "$RUN/data/gold_router.jsonl" --pairs "$RUN/data/pairs_router.jsonl" --out "$RUN/cache"
+    --data "$RUN/data/gold_router.jsonl" --pairs "$RUN/data/pairs_router.jsonl" --out "$RUN/cache" --max-per-file 300
 
 stage router_nll "$RUN/router_nll/model.safetensors" \
   python -m router_training fit-router --cache "$RUN/cache" --out "$RUN/router_nll" --objective nll \
@@ -84,7 +84,7 @@ stage router_pref "$RUN/router_pref/model.safetensors" \
 
 stage accuracy "$RUN/eval/accuracy.json" \
   python -m benchmarks.accuracy --task tawp --data "$RUN/data" --router "$RUN/router_nll" \
-    --extra-router "pref=$RUN/router_pref" --alphas 0.1 0.25 0.5 0.75 --n-test 400 --n-ood 100 --max-gsm 100 \
+    --extra-router "pref=$RUN/router_pref" --alphas 0.15 0.3 0.5 --n-test 400 --n-ood 100 --max-gsm 30 \
     $EAGER --out "$RUN/eval"
 
 # The val-selected router is the one the demo serves.

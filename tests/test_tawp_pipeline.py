@@ -1,0 +1,66 @@
+"""The TAWP recipe's model stages on the tiny models, through their command lines: reward (GenARM + NLL), gate B,
+the feature cache, and both router objectives. Scripted "base" samples stand in for the on-policy sampling stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router_training import gates, onpolicy, tawp
+from router_training.__main__ import main
+from taro_vllm.checkpoint import load_router
+
+
+@pytest.fixture(scope="module")
+def run_data(tmp_path_factory):
+    """pairs_*.jsonl / correct_*.jsonl / gold_*.jsonl as the onpolicy stage writes them, from scripted samples."""
+    out = tmp_path_factory.mktemp("tawp")
+    splits = tawp.make_splits({"reward": 12, "router": 8})
+    for name, probs in splits.items():
+        samples = []
+        for p in probs:
+            wrong_last = p.gold_solution().replace(f"= {p.steps[-1].c}", f"= {p.steps[-1].c + 1}")
+            wrong_op = p.gold_solution().replace(f" {p.steps[0].op} ", " + " if p.steps[0].op != "+" else " - ", 1)
+            samples.append([p.gold_solution(), wrong_last, wrong_op])
+        data = onpolicy.build_records(probs, samples)
+        onpolicy.write(out, name, data)
+        from router_training.data import save_records
+
+        save_records(out / f"gold_{name}.jsonl", onpolicy.gold_solutions(probs))
+    return out
+
+
+def test_reward_gate_and_routers_from_the_command_line(tmp_path, tiny_paths, run_data, capsys):
+    base = str(tiny_paths["tiny-llama-base"])
+    reward_dir = tmp_path / "reward"
+    assert main(["reward", "--model", base, "--data", str(run_data / "pairs_reward.jsonl"), "--out", str(reward_dir),
+                 "--beta", "0.1", "--nll-weight", "1.0", "--lr", "1e-3", "--max-steps", "4", "--batch-size", "4",
+                 "--max-len", "384", "--heldout-fraction", "0.2", "--eval-every", "4", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (reward_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert all("chosen_nll" in r for r in rows if r["split"] == "train")
+
+    res = gates.gate_b(base, str(reward_dir), str(run_data / "pairs_router.jsonl"),
+                       str(run_data / "correct_router.jsonl"), max_pairs=8, max_traces=4)
+    assert res["pairs"] == 8 and res["divergent_pairs"] > 0
+    assert set(res["flip_rate"]) == {"0", "0.25", "0.5", "1"}
+    assert res["trace_nll_reward"] > 0 and isinstance(res["passed"], bool)
+
+    cache = tmp_path / "cache"
+    assert main(["features", "--base", base, "--reward", str(reward_dir), "--data",
+                 str(run_data / "correct_router.jsonl"), "--data", str(run_data / "gold_router.jsonl"),
+                 "--pairs", str(run_data / "pairs_router.jsonl"), "--out", str(cache)]) == 0
+    for objective in ("nll", "nll+pref"):
+        out = tmp_path / objective
+        capsys.readouterr()
+        assert main(["fit-router", "--cache", str(cache), "--out", str(out), "--objective", objective,
+                     "--steps", "20", "--no-progress"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert set(printed["gate_c"]) == {"oracle_gain_over_best_fixed", "router_gap_closed", "passed"}
+        assert "digits" in printed["a_by_class"]
+        router, cfg = load_router(out)  # a servable checkpoint that names both models
+        assert cfg.reward_model == str(reward_dir.resolve()) and cfg.router.kind == "topk"
+        report = json.loads((out / "train" / "report.json").read_text())
+        assert report["objective"] == objective
+        if objective == "nll+pref":
+            assert report["train_pairs"] > 0 and "pref_accuracy" in report["eval"]
