@@ -7,7 +7,10 @@ Layout of ``<run>/state/``::
     state.json              step, optimizer param_groups and non-tensor state, the run config (to refuse a resume
                             with different settings), the RNG-free data position (batches are a function of the step)
 
-Written to ``state.tmp/`` and renamed, so a kill during a save leaves the previous state intact.
+Written to ``state.tmp/`` and renamed, so a kill at any point of a save leaves a complete state to resume from:
+``state/`` whenever it exists (it only ever appears by renaming a complete ``state.tmp/``), else ``state.old/`` (the
+previous state, moved aside just before the rename). Leftovers of a killed save or clear (``state.tmp/``, a stale or
+half-deleted ``state.old/``, ``state.trash/``) are tidied at the start of the next save.
 """
 
 from __future__ import annotations
@@ -53,12 +56,24 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _recover(run_dir: Path) -> None:
+    """Bring a run dir left by a killed save/clear back to "``state/`` is the latest complete state", if any."""
+    final, old = run_dir / STATE_DIR, run_dir / (STATE_DIR + ".old")
+    if not final.exists() and (old / "state.json").is_file():
+        os.replace(old, final)  # killed between the two renames of save_state: the previous state is complete
+
+
 def save_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
                config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
     final = run_dir / STATE_DIR
     tmp = run_dir / (STATE_DIR + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    old = run_dir / (STATE_DIR + ".old")
+    _recover(run_dir)
+    # Anything but state/ is now a leftover: a half-written state.tmp, a state.old (complete, or half-deleted by a
+    # kill during the rmtree below) that state/ supersedes, the remains of a killed clear_state.
+    for leftover in (old, tmp, run_dir / (STATE_DIR + ".trash")):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     tmp.mkdir(parents=True)
     weights = trainable_state(model)
     # Tied weights share storage; safetensors refuses shared tensors, so store private copies.
@@ -67,9 +82,8 @@ def save_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     meta = {"step": step, "optimizer": opt_meta, "config": config, "extra": extra or {}}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
-    old = run_dir / (STATE_DIR + ".old")
     if final.exists():
-        os.replace(final, old)
+        os.replace(final, old)  # old does not exist (removed above), so this rename cannot fail on a non-empty dir
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
@@ -77,10 +91,8 @@ def save_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
 
 
 def has_state(run_dir: Path) -> bool:
-    final, old = run_dir / STATE_DIR, run_dir / (STATE_DIR + ".old")
-    if not final.exists() and (old / "state.json").is_file():
-        os.replace(old, final)  # killed between the two renames of save_state: the previous state is complete
-    return (final / "state.json").is_file()
+    _recover(run_dir)
+    return (run_dir / STATE_DIR / "state.json").is_file()
 
 
 # Settings that may change between a killed run and its resume; everything else must match.
@@ -135,6 +147,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def clear_state(run_dir: Path) -> None:
-    for name in (STATE_DIR, STATE_DIR + ".tmp", STATE_DIR + ".old"):
+    # state.old and state.tmp first (state/ supersedes them), then state/ renamed aside before it is deleted: a kill
+    # at any point leaves either the whole state/ or none of it, never a half-deleted one that looks resumable.
+    for name in (STATE_DIR + ".old", STATE_DIR + ".tmp", STATE_DIR + ".trash"):
         if (run_dir / name).exists():
             shutil.rmtree(run_dir / name)
+    if (run_dir / STATE_DIR).exists():
+        os.replace(run_dir / STATE_DIR, run_dir / (STATE_DIR + ".trash"))
+        shutil.rmtree(run_dir / (STATE_DIR + ".trash"))

@@ -169,17 +169,23 @@ def fused_mix(
     override: torch.Tensor | None = None,
     *,
     strict: bool = False,
+    needs_router: bool | None = None,
 ) -> MixResult:
     """Router features, a_t and the mixed logits for a batch of rows.
 
     ``override`` is a per-row fp32 vector: NaN means "use the router", a value in [0, 1] forces that weight (the
     GenARM fixed-a mix, 0 = base alone, 1 = reward alone). With ``router=None`` every row must be overridden.
+    ``needs_router`` says whether any override is NaN when the caller already knows it (serving knows it on the
+    host): the device is then never asked, so the call has no host-device sync.
     """
     z_reward = align_vocab(z_reward, z_base)
     n = z_base.shape[0]
     alpha_router = None
     row_stats: tuple[torch.Tensor, ...] | None = None
-    needs_router = router is not None and (override is None or bool(torch.isnan(override).any()))
+    known = needs_router is not None
+    if not known:
+        needs_router = override is None or bool(torch.isnan(override).any())
+    needs_router = router is not None and (override is None or needs_router)
     if needs_router:
         from taro_vllm.router import TopKRouter
 
@@ -195,7 +201,7 @@ def fused_mix(
     else:
         if override is None:
             raise ValueError("fused_mix needs a router or a per-row override weight")
-        if bool(torch.isnan(override).any()):
+        if not known and bool(torch.isnan(override).any()):
             raise ValueError("rows without an override weight need a router")
         alpha = override.float()
     alpha = alpha.to(device=z_base.device, dtype=torch.float32).reshape(n)

@@ -27,8 +27,14 @@ def available(t: torch.Tensor) -> bool:
 if HAS_TRITON:
 
     @triton.jit
+    def _row_index():
+        # int64: program ids are int32 and strides below 2**31 are specialised as int32, so ``row * stride`` in
+        # int32 overflows once rows * V >= 2**31 (14,134 rows at V = 151,936).
+        return tl.program_id(0).to(tl.int64)
+
+    @triton.jit
     def _mix_rows_kernel(zb_ptr, zr_ptr, a_ptr, out_ptr, V, stride_b, stride_r, stride_o, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = _row_index()
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < V
         a = tl.load(a_ptr + row)
@@ -41,7 +47,7 @@ if HAS_TRITON:
     @triton.jit
     def _lse_pair_kernel(zb_ptr, zr_ptr, lse_b_ptr, lse_r_ptr, V, stride_b, stride_r, BLOCK: tl.constexpr):
         # One read of each row, online (max, sum-exp) per model: the flash-attention softmax recurrence.
-        row = tl.program_id(0)
+        row = _row_index()
         m_b = tl.full((), float("-inf"), tl.float32)
         m_r = tl.full((), float("-inf"), tl.float32)
         s_b = tl.zeros((), tl.float32)
@@ -53,11 +59,13 @@ if HAS_TRITON:
             xr = tl.load(zr_ptr + row * stride_r + offs, mask=mask, other=float("-inf")).to(tl.float32)
             nb = tl.maximum(m_b, tl.max(xb, 0))
             nr = tl.maximum(m_r, tl.max(xr, 0))
-            # Guard the all -inf prefix: exp(-inf - -inf) would be NaN.
+            # Guard the all -inf prefix: while the running max is -inf, exp(-inf - -inf) would be NaN, both in the
+            # rescale factor and in the block's own terms. A -inf entry adds exactly 0, so it is skipped rather than
+            # computed (NaN still propagates). An all -inf row ends with m = -inf, s = 0: lse = -inf, as in torch.
             sb_scale = tl.where(nb == float("-inf"), 0.0, tl.exp(m_b - nb))
             sr_scale = tl.where(nr == float("-inf"), 0.0, tl.exp(m_r - nr))
-            s_b = s_b * sb_scale + tl.sum(tl.where(mask, tl.exp(xb - nb), 0.0), 0)
-            s_r = s_r * sr_scale + tl.sum(tl.where(mask, tl.exp(xr - nr), 0.0), 0)
+            s_b = s_b * sb_scale + tl.sum(tl.where(mask & (xb != float("-inf")), tl.exp(xb - nb), 0.0), 0)
+            s_r = s_r * sr_scale + tl.sum(tl.where(mask & (xr != float("-inf")), tl.exp(xr - nr), 0.0), 0)
             m_b = nb
             m_r = nr
         tl.store(lse_b_ptr + row, m_b + tl.log(s_b))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from taro_vllm.checkpoint import CheckpointError, load_router, read_config, tokenizer_fingerprint
+from taro_vllm.model_files import ModelFileError, check_model_folder
 
 
 class TaroSetupError(ValueError):
@@ -66,7 +67,7 @@ def resolve_reward_path(router_path: str | Path, reward_model: str | None) -> st
 
 
 def validate_setup(base_path: str | Path, router_path: str | Path, reward_model: str | None = None) -> TaroSetup:
-    """Check that base, reward and router index the same tokens; return the resolved setup."""
+    """Check that base, reward and router index the same tokens and that all three load; return the setup."""
     base = Path(base_path).expanduser()
     try:
         router_cfg = read_config(router_path)
@@ -80,6 +81,11 @@ def validate_setup(base_path: str | Path, router_path: str | Path, reward_model:
         )
     base_cfg = _config_json(base, "base model")
     reward_cfg = _config_json(reward, "reward model")
+    try:  # config fields and weight files (headers only): a truncated or pickled file is refused here, in ms
+        check_model_folder(base, base_cfg, "base model")
+        check_model_folder(reward, reward_cfg, "reward model")
+    except ModelFileError as e:
+        raise TaroSetupError(str(e)) from None
     vb, vr = base_cfg.get("vocab_size"), reward_cfg.get("vocab_size")
     if vb is None or vr is None:
         raise TaroSetupError(f"vocab_size missing from {base / 'config.json'} or {reward / 'config.json'}")

@@ -101,3 +101,131 @@ def test_stock_hf_overrides_route_refuses_too(pair, tmp_path):
                        env={**os.environ, **ENGINE_ENV})
     assert r.returncode != 0
     assert "mlp.0.weight contains NaN or inf" in r.stderr and str(router) in r.stderr
+
+
+# --- broken base / reward model files: refused by `taro-vllm serve` in seconds, exit 2, naming the file -----------
+
+def damaged_copy(src, dest, damage):
+    """A copy of model folder `src` with one defect; returns the path the refusal must name."""
+    shutil.copytree(src, dest)
+    weights = dest / "model.safetensors"
+    if damage == "truncated":  # an interrupted copy or download
+        weights.write_bytes(weights.read_bytes()[:-4096])
+        return weights
+    if damage == "pickle":  # torch.save output under a safetensors name
+        import torch
+        from safetensors.torch import load
+
+        torch.save(load(weights.read_bytes()), weights)  # (not load_file: it maps the file being overwritten)
+        return weights
+    if damage == "missing hidden_size":
+        cfg = json.loads((dest / "config.json").read_text())
+        del cfg["hidden_size"]
+        (dest / "config.json").write_text(json.dumps(cfg))
+        return dest / "config.json"
+    raise ValueError(damage)
+
+
+@pytest.mark.parametrize("role", ["base", "reward"])
+@pytest.mark.parametrize("damage, msg", [
+    ("truncated", "is truncated"),
+    ("pickle", "is a pickle"),
+    ("missing hidden_size", "is missing hidden_size"),
+    ("missing path", "does not exist"),
+])
+def test_broken_base_or_reward_model_is_refused_before_vllm_starts(pair, tmp_path, role, damage, msg):
+    src = pair[0] if role == "base" else pair[1]
+    if damage == "missing path":
+        model = named = tmp_path / "no-such-model"
+    else:
+        model = tmp_path / role
+        named = damaged_copy(src, model, damage)
+    base, reward = (model, pair[1]) if role == "base" else (pair[0], model)
+    router = make_router(tmp_path / "router", pair[0], pair[1])
+    r = serve(base, "--taro-router", router, "--taro-reward-model", reward, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert msg in r.stderr and str(named) in r.stderr and f"{role} model" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def sharded_copy(src, dest):
+    """`src` re-saved as two safetensors shards + model.safetensors.index.json, as big checkpoints are shipped."""
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("model.safetensors"))
+    state = load_file(src / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, dest / file)
+    index = {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dest
+
+
+@pytest.mark.parametrize("damage, msg", [
+    ("none", None),
+    ("shard deleted", "does not exist"),
+    ("shard truncated", "is truncated"),
+    ("tensor moved to another shard", "lacks 1 tensor(s)"),
+])
+def test_sharded_reward_model(pair, tmp_path, damage, msg):
+    from taro_vllm.pairing import TaroSetupError, validate_setup
+
+    reward = sharded_copy(pair[1], tmp_path / "reward")
+    second = reward / "model-00002-of-00002.safetensors"
+    if damage == "shard deleted":
+        second.unlink()
+    elif damage == "shard truncated":
+        second.write_bytes(second.read_bytes()[:-10])
+    elif damage == "tensor moved to another shard":
+        index = json.loads((reward / "model.safetensors.index.json").read_text())
+        first_name = sorted(index["weight_map"])[0]
+        index["weight_map"][first_name] = second.name
+        (reward / "model.safetensors.index.json").write_text(json.dumps(index))
+    router = make_router(tmp_path / "router", pair[0], reward)
+    if msg is None:
+        assert validate_setup(pair[0], router).reward_path == str(reward)
+        return
+    with pytest.raises(TaroSetupError, match="reward model") as e:
+        validate_setup(pair[0], router)
+    assert msg in str(e.value) and str(second) in str(e.value)
+
+
+# --- NaN/inf weights: checked while the engine loads them (vLLM itself would serve them silently) ------------------
+
+def nan_copy(src, dest, tensor="model.layers.1.mlp.down_proj.weight"):
+    from safetensors.torch import load
+
+    shutil.copytree(src, dest)
+    state = load((dest / "model.safetensors").read_bytes())
+    state[tensor][0, 0] = float("nan")
+    save_file(state, dest / "model.safetensors")
+    return dest
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("role", ["base", "reward"])
+def test_nan_weight_is_refused_while_loading_naming_tensor_and_file(pair, tmp_path, role):
+    model = nan_copy(pair[0] if role == "base" else pair[1], tmp_path / role)
+    base, reward = (model, pair[1]) if role == "base" else (pair[0], model)
+    router = make_router(tmp_path / "router", pair[0], pair[1])
+    r = serve(base, "--taro-router", router, "--taro-reward-model", reward, "--dtype", "float32",
+              "--max-model-len", "256", "--enforce-eager", timeout=600)
+    assert r.returncode != 0
+    assert (f"{role} model weight model.layers.1.mlp.down_proj.weight in {model / 'model.safetensors'} contains NaN "
+            "or inf") in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.engine
+def test_the_weight_check_can_be_turned_off(pair, tmp_path):
+    base = nan_copy(pair[0], tmp_path / "base")
+    router = make_router(tmp_path / "router", pair[0], pair[1])
+    script = (
+        "from taro_vllm.serving.llm import taro_llm\n"
+        "if __name__ == '__main__':\n"
+        f"    taro_llm({str(base)!r}, router={str(router)!r}, enforce_eager=True, max_model_len=256, dtype='float32')\n"
+        "    print('ENGINE UP')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, **ENGINE_ENV, "TARO_VLLM_NO_WEIGHT_CHECK": "1"})
+    assert r.returncode == 0 and "ENGINE UP" in r.stdout, r.stderr[-3000:]

@@ -1,5 +1,6 @@
-"""Trainer faults, for real: a training process killed with SIGKILL resumes from its last checkpoint and ends with
-the same weights as an uninterrupted run; a corrupt resumable state is refused with a clear error, never loaded."""
+"""Trainer faults, for real: a training process killed with SIGKILL (at a chosen point of a checkpoint save, see
+test_checkpointing.py for every point) resumes from its last checkpoint and ends with the same weights as an
+uninterrupted run; a corrupt resumable state is refused with a clear error, never loaded."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from router_training.__main__ import main
+from router_training.checkpointing import has_state
 from router_training.data import save_records
 from router_training.reward_trainer import trained_weights
 from test_training_reward import cue_pairs
@@ -42,30 +44,79 @@ def saved_step(out: Path) -> int | None:
         return None
 
 
-def test_sigkilled_training_resumes_to_the_same_weights(tmp_path, tiny_paths, pairs_file):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert main(reward_cli(tiny_paths, pairs_file, whole)) == 0
+# The training process, paused at an exact point of its second checkpoint save (step 10) so the parent can SIGKILL it
+# there whatever the machine's speed: it touches the marker file, then sleeps until killed.
+PAUSING_TRAINER = r"""
+import os, shutil, sys, time
+from pathlib import Path
 
-    proc = subprocess.Popen([sys.executable, "-m", "router_training", *reward_cli(tiny_paths, pairs_file, killed)],
+point, marker = sys.argv[1], Path(sys.argv[2])
+
+
+def pause():
+    marker.touch()
+    time.sleep(600)
+
+
+if point == "between-renames":  # state/ already moved to state.old/, state.tmp/ not yet renamed to state/
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == "state.old":
+            pause()
+
+    os.replace = replace
+elif point == "mid-cleanup":  # state/ is the new state, state.old/ half deleted (the crash of issue 16)
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name == "state.old":
+            sorted(Path(path).iterdir())[0].unlink()
+            pause()
+        return real_rmtree(path, *args, **kwargs)
+
+    shutil.rmtree = rmtree
+
+from router_training.__main__ import main
+from router_training.checkpointing import has_state
+
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_paths, pairs_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    assert main(reward_cli(tiny_paths, pairs_file, out)) == 0
+    return trained_weights(out)
+
+
+@pytest.mark.parametrize("point, resumes_from", [("between-renames", 5), ("mid-cleanup", 10)])
+def test_sigkilled_training_resumes_to_the_same_weights(tmp_path, tiny_paths, pairs_file, uninterrupted, point,
+                                                         resumes_from):
+    killed, marker = tmp_path / "killed", tmp_path / "paused"
+    proc = subprocess.Popen([sys.executable, "-c", PAUSING_TRAINER, point, str(marker),
+                             *reward_cli(tiny_paths, pairs_file, killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
-    deadline = time.monotonic() + 300
-    while (saved_step(killed) or 0) < 10 and proc.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600  # only so a broken trainer cannot hang the suite; the kill waits for the marker
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the run must still be training when it is killed"
+    assert marker.exists() and proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.poll() else "hung"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    at_kill = saved_step(killed)
-    assert at_kill is not None and at_kill < STEPS  # killed mid-run, with a checkpoint on disk
     assert not (killed / "model.safetensors").exists()
+    assert has_state(killed / "train") and saved_step(killed) == resumes_from  # what --resume continues from
 
-    assert main(reward_cli(tiny_paths, pairs_file, killed, "--resume")) == 0
+    assert main(reward_cli(tiny_paths, pairs_file, killed, "--resume")) == 0  # and saves at 15, 20, 25
     rows = [json.loads(line) for line in (killed / "train" / "metrics.jsonl").open()]
     assert max(r["step"] for r in rows) == STEPS
-    a, b = trained_weights(whole), trained_weights(killed)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    b = trained_weights(killed)
+    assert uninterrupted.keys() == b.keys()
+    for name in uninterrupted:
+        assert torch.equal(uninterrupted[name], b[name]), name
 
 
 @pytest.mark.parametrize("damage, file, message", [

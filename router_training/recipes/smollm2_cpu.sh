@@ -3,7 +3,8 @@
 #   data (GSM-symbolic Step-DPO pairs + solutions) -> reward model (GenARM, LoRA on the top layers, merged)
 #   -> router (top-K, on the frozen base + the new reward model).
 #
-# Artefacts go to $RUN (default ~/.cache/taro_vllm/runs/smollm2), never into the repo:
+# Artefacts go to $RUN (default <cache>/runs/smollm2, where <cache> is taro_vllm's cache dir: $TARO_VLLM_CACHE, else
+# ${XDG_CACHE_HOME:-~/.cache}/taro_vllm; the same place `taro-vllm demo` looks), never into the repo:
 #   $RUN/data/      JSONL files + manifest.json
 #   $RUN/reward/    the reward model (HF folder vLLM loads) + train/{metrics.jsonl,curves.png}
 #   $RUN/router/    the router checkpoint (taro-router) + train/{metrics.jsonl,curves.png}
@@ -15,13 +16,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-RUN=${RUN:-${TARO_VLLM_CACHE:-$HOME/.cache/taro_vllm}/runs/smollm2}
+# One source of truth for the cache: ask taro_vllm (the demo finds $RUN/router only if both agree).
+CACHE=$(python -c "from taro_vllm.assets import cache_dir; print(cache_dir())")
+RUN=${RUN:-$CACHE/runs/smollm2}
 REWARD_STEPS=${REWARD_STEPS:-20}
 ROUTER_STEPS=${ROUTER_STEPS:-40}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 BASE=$(python -c "from taro_vllm import assets; print(assets.build_smollm2())")
 echo "base model: $BASE"
+echo "run dir: $RUN"
 mkdir -p "$RUN"
 stamp() { date +%s; }
 

@@ -11,16 +11,24 @@
 
 import asyncio
 import json
+import logging
 import threading
 from collections import OrderedDict
 
 import torch
 
+logger = logging.getLogger("taro_vllm")
+
 BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # upper bounds 0.1 .. 1.0
 
 
 class AlphaRecorder:
-    """Per-process store of a_t: traces by id (bounded, oldest evicted) and a running histogram."""
+    """Per-process store of a_t: traces by id (bounded, oldest evicted) and a running histogram.
+
+    The histogram, its count and sum and the non-finite row count are accumulated on the device the alphas live on
+    and read back only by :meth:`stats` (the metrics poll), so recording a step costs no host-device sync unless a
+    row is traced (then one copy of the step's weights to the host).
+    """
 
     def __init__(self, max_traces: int = 4096, max_tokens: int = 65536):
         self.max_traces = max_traces
@@ -30,17 +38,27 @@ class AlphaRecorder:
         self.count = 0
         self.total = 0.0
         self.nonfinite_rows = 0
+        self._acc: torch.Tensor | None = None  # [len(BUCKETS) + 3]: bucket counts, count, sum, non-finite rows
         self.lock = threading.Lock()
 
-    def record(self, alpha: torch.Tensor, trace: list) -> None:
-        a = alpha.detach().float().cpu()
-        finite = a[torch.isfinite(a)]
-        hist = torch.histc(finite, bins=len(BUCKETS), min=0.0, max=1.0).tolist() if finite.numel() else []
+    def record(self, alpha: torch.Tensor, trace: list | None, nonfinite_rows: torch.Tensor | None = None) -> None:
+        a = alpha.detach().float()
+        nb = len(BUCKETS)
         with self.lock:
-            for i, c in enumerate(hist):
-                self.bucket_counts[i] += int(c)
-            self.count += int(finite.numel())
-            self.total += float(finite.sum()) if finite.numel() else 0.0
+            if self._acc is not None and self._acc.device != a.device:
+                self._fold()
+            if self._acc is None:
+                self._acc = torch.zeros(nb + 3, dtype=torch.float64, device=a.device)
+            finite = torch.isfinite(a)
+            # histc ignores NaN and values outside [0, 1]; the weights used are in [0, 1] or NaN.
+            self._acc[:nb] += torch.histc(a, bins=nb, min=0.0, max=1.0).double()
+            self._acc[nb] += finite.sum()
+            self._acc[nb + 1] += torch.where(finite, a, 0.0).sum().double()
+            if nonfinite_rows is not None:
+                self._acc[nb + 2] += nonfinite_rows.sum()
+            if not trace or all(key is None for key in trace):
+                return
+            host = a.tolist()  # the one sync of a traced step
             for row, key in enumerate(trace):
                 if key is None:
                     continue
@@ -50,7 +68,24 @@ class AlphaRecorder:
                     while len(self.traces) > self.max_traces:
                         self.traces.popitem(last=False)
                 if len(buf) < self.max_tokens:
-                    buf.append(float(a[row]))
+                    buf.append(float(host[row]))
+
+    def _fold(self) -> None:
+        """Move the device accumulators into the host totals (caller holds the lock)."""
+        if self._acc is None:
+            return
+        acc = self._acc.tolist()
+        self._acc = None  # a fresh one at the next record (it may be an inference tensor: no in-place reset here)
+        nb = len(BUCKETS)
+        for i in range(nb):
+            self.bucket_counts[i] += int(acc[i])
+        self.count += int(acc[nb])
+        self.total += acc[nb + 1]
+        new_bad = int(acc[nb + 2])
+        if new_bad:
+            self.nonfinite_rows += new_bad
+            logger.error("TARo: non-finite logits in %d row(s) since the last report; served from the finite model "
+                         "alone (or ended the sequence when both were broken)", new_bad)
 
     def pop(self, key: str) -> list[float] | None:
         with self.lock:
@@ -58,6 +93,7 @@ class AlphaRecorder:
 
     def stats(self) -> dict:
         with self.lock:
+            self._fold()
             return {"buckets": list(BUCKETS), "counts": list(self.bucket_counts), "count": self.count,
                     "sum": self.total, "nonfinite_rows": self.nonfinite_rows}
 

@@ -8,16 +8,19 @@ reach every vLLM process (API server, engine core, workers) as attributes of the
     --taro-reward-model PATH    -> {"taro_reward_model": PATH}
     --taro-default-mode MODE    -> {"taro_default_mode": MODE}
     --taro-default-alpha A      -> {"taro_default_alpha": A}
+    --taro-no-weight-check      -> {"taro_no_weight_check": true}   (or TARO_VLLM_NO_WEIGHT_CHECK=1 in the environment)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 ARCH = "TaroForCausalLM"
 MODES = ("router", "fixed", "base", "reward")
+NO_WEIGHT_CHECK_ENV = "TARO_VLLM_NO_WEIGHT_CHECK"
 
 # flag -> (hf_overrides key, argparse kwargs)
 TARO_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -34,6 +37,10 @@ TARO_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--taro-default-alpha": ("taro_default_alpha", dict(
         type=float, metavar="A", default=None,
         help="weight in [0,1] for --taro-default-mode fixed (GenARM)")),
+    "--taro-no-weight-check": ("taro_no_weight_check", dict(
+        action="store_const", const=True, default=None,
+        help=f"skip the NaN/inf check of the base and reward weights while they load (one reduction per tensor; "
+             f"{NO_WEIGHT_CHECK_ENV}=1 does the same)")),
 }
 
 
@@ -70,3 +77,10 @@ def merge_hf_overrides(existing: Any, taro: dict[str, Any]) -> dict[str, Any]:
         base = dict(existing)
     base.update(taro)
     return base
+
+
+def weight_check_enabled(hf_config: Any) -> bool:
+    """Whether TaroForCausalLM checks the weights it loads for NaN/inf (on unless the flag or the env var says no)."""
+    if getattr(hf_config, "taro_no_weight_check", False):
+        return False
+    return os.environ.get(NO_WEIGHT_CHECK_ENV, "").strip().lower() not in ("1", "true", "yes")

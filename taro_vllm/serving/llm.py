@@ -18,7 +18,7 @@ from taro_vllm.serving.args import merge_hf_overrides, taro_overrides
 def taro_engine_kwargs(base: str, router: str, reward_model: str | None = None, *,
                        default_mode: str | None = None, default_alpha: float | None = None,
                        **kwargs: Any) -> dict[str, Any]:
-    from taro_vllm.serving.plugin import FEEDER, WORKER_EXTENSION, uses_v1_runner
+    from taro_vllm.serving.plugin import FEEDER, WORKER_EXTENSION
 
     setup = validate_setup(base, router, reward_model)
     taro = taro_overrides({"taro_router": setup.router_path, "taro_reward_model": setup.reward_path,
@@ -26,8 +26,8 @@ def taro_engine_kwargs(base: str, router: str, reward_model: str | None = None, 
     out = dict(kwargs)
     out["model"] = base
     out["hf_overrides"] = merge_hf_overrides(kwargs.get("hf_overrides"), taro)
-    if uses_v1_runner():
-        out["logits_processors"] = list(kwargs.get("logits_processors") or []) + [FEEDER]
+    procs = list(kwargs.get("logits_processors") or [])
+    out["logits_processors"] = procs + ([FEEDER] if FEEDER not in procs else [])  # both runners (see plugin.py)
     out.setdefault("worker_extension_cls", WORKER_EXTENSION)
     return out
 

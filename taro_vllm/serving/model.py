@@ -5,7 +5,8 @@
     compute_logits  both heads -> router features -> a_t -> per-row overrides -> (1 - a) z_base + a z_reward
                     (taro_vllm.mix.fused_mix). Everything after it - logprobs, penalties, sampling - sees the mix.
     load_weights    the served (base) checkpoint comes unprefixed, the reward model's as ``reward.*`` via
-                    ``secondary_weights``; the router is loaded and validated by taro_vllm.checkpoint.
+                    ``secondary_weights``, both checked for NaN/inf as they load (model_files.FiniteWeights); the
+                    router is loaded and validated by taro_vllm.checkpoint.
 
 Sub-models are vLLM's own classes for their architectures (resolved by vLLM's registry), built from their own HF
 configs, so any decoder vLLM supports works and tensor parallelism shards both inside the one TP group. Each gets
@@ -27,9 +28,11 @@ from torch import nn
 
 from taro_vllm import mix
 from taro_vllm.checkpoint import load_router, read_config
+from taro_vllm.model_files import FiniteWeights, tensor_sources
 from taro_vllm.pairing import validate_setup
 from taro_vllm.router import build_router
 from taro_vllm.serving import alphas as alpha_recording
+from taro_vllm.serving.args import NO_WEIGHT_CHECK_ENV, weight_check_enabled
 from taro_vllm.serving.requests import RowState, engine_key, parse_options, register_rows
 
 logger = logging.getLogger("taro_vllm")
@@ -64,6 +67,9 @@ class TaroForCausalLM(nn.Module):
         base_hf.taro_role = "base"
         reward_hf = get_config(self.setup.reward_path, trust_remote_code=model_config.trust_remote_code)
         reward_hf.taro_role = "reward"
+        from taro_vllm.serving.plugin import check_engine_config
+
+        check_engine_config(vllm_config, reward_hf, self.setup.reward_path)  # before a minute of weight loading
         self.base = init_vllm_registered_model(vllm_config, hf_config=base_hf, prefix=maybe_prefix(prefix, "base"))
         with set_model_tag("taro_reward"):
             self.reward = init_vllm_registered_model(
@@ -73,6 +79,7 @@ class TaroForCausalLM(nn.Module):
         self.secondary_weights = [
             DefaultModelLoader.Source(self.setup.reward_path, None, prefix="reward.", fall_back_to_pt=False)
         ]
+        self.check_weights = weight_check_enabled(hf)  # NaN/inf check in load_weights
         # The router is tiny: keep it in fp32 whatever the served dtype, as it was trained.
         self.router = build_router(read_config(router_path).router).float()
         self.make_empty_intermediate_tensors = getattr(self.base, "make_empty_intermediate_tensors", None)
@@ -82,7 +89,10 @@ class TaroForCausalLM(nn.Module):
         parse_options({"taro_mode": default_mode, **({"taro_alpha": default_alpha} if default_alpha is not None
                                                       else {})})  # refuse bad server defaults at start-up
         default_weight = {"router": math.nan, "base": 0.0, "reward": 1.0}.get(default_mode, default_alpha)
-        self.rows = RowState(vllm_config.scheduler_config.max_num_seqs, default_weight)
+        # Explicit devices: host tables for the feeders, the device buffer on the model's device (never whatever
+        # torch.device context vLLM builds the model under).
+        self.rows = RowState(vllm_config.scheduler_config.max_num_seqs, default_weight,
+                             device=vllm_config.device_config.device)
         self.eos_token_id = getattr(hf, "eos_token_id", None)
         register_rows(engine_key(vllm_config), self.rows)
 
@@ -99,60 +109,76 @@ class TaroForCausalLM(nn.Module):
         return torch.cat([h_base, h_reward], dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Both heads -> per-row weights -> the mix. No host-device sync when no row is traced (one when one is).
+
+        Rows where a model produced NaN/+inf are served by the other model alone (a forced to 0 or 1 before the mix,
+        so the mix copies the finite model exactly); rows where both did end the sequence (EOS only). All of it
+        branch-free on the device; the rows are counted on the device and logged when the count is read (the
+        ``taro_nonfinite_rows`` metric). Never sampled from garbage.
+        """
         h_base, h_reward = hidden_states.split(self.hidden_sizes, dim=-1)
         z_base = self.base.compute_logits(h_base)
         z_reward = self.reward.compute_logits(h_reward)
         if z_base is None:  # not the last pipeline rank
             return None
+        z_reward = mix.align_vocab(z_reward, z_base)
         with self.rows.lock:
-            override, trace = self.rows.take(z_base.shape[0])
-        if override is not None:
-            override = override.to(z_base.device)
-        res = mix.fused_mix(z_base, z_reward, router=self.router, override=override)
-        logits = res.logits
-        if bool(res.nonfinite.any()):
-            logits = self._repair_nonfinite(z_base, mix.align_vocab(z_reward, z_base), res)
-        if trace is not None:
-            alpha_recording.RECORDER.record(res.alpha, trace)
+            override, trace, needs_router = self.rows.take(z_base.shape[0], z_base.device)
+        override, dead, broken = self._route_around_nonfinite(z_base, z_reward, override)
+        res = mix.fused_mix(z_base, z_reward, router=self.router, override=override, needs_router=needs_router)
+        logits = res.logits.masked_fill_(dead[:, None], float("-inf"))
+        alpha = torch.where(dead, float("nan"), res.alpha)
+        eos = self._eos_columns(logits.device)
+        if eos is not None:  # rows where both models are broken: EOS only
+            logits.index_copy_(1, eos, torch.where(dead[:, None], 0.0, logits.index_select(1, eos)))
+        alpha_recording.RECORDER.record(alpha, trace, nonfinite_rows=broken)
         return logits
 
-    def _repair_nonfinite(self, z_base, z_reward, res: mix.MixResult) -> torch.Tensor:
-        """Rows where a model produced NaN/+inf: use the other model alone; if both are broken, end the sequence.
+    def _eos_columns(self, device: torch.device) -> torch.Tensor | None:
+        """The EOS id(s) (an int or a list in HF configs) as a device index, made once (no per-step copy)."""
+        cached = getattr(self, "_eos_index", None)
+        if cached is None or cached.device != device:
+            eos = self.eos_token_id
+            if eos is None:
+                return None
+            ids = [eos] if isinstance(eos, int) else list(eos)
+            cached = self._eos_index = torch.tensor(ids, dtype=torch.long, device=device)
+        return cached
 
-        Never sample from garbage. Logged, and counted in the taro_nonfinite_rows metric.
+    @staticmethod
+    def _route_around_nonfinite(z_base: torch.Tensor, z_reward: torch.Tensor, override: torch.Tensor | None):
+        """Per-row override forcing the finite model where the other one holds NaN/+inf; rows where both do.
+
+        -inf entries are masks, not damage: a row's max is NaN iff it holds a NaN, +inf iff it holds a +inf.
         """
-        logits = res.logits
-        bad = res.nonfinite.nonzero().flatten()
-        def usable(z: torch.Tensor) -> bool:  # -inf entries are masks, not damage
-            return not bool(torch.isnan(z).any() or torch.isposinf(z).any())
+        def broken(z: torch.Tensor) -> torch.Tensor:
+            m = z.amax(dim=-1).float()
+            return torch.isnan(m) | torch.isposinf(m)
 
-        for row in bad.tolist():  # rare path: a loop over the broken rows only
-            base_ok, reward_ok = usable(z_base[row]), usable(z_reward[row])
-            if base_ok:
-                logits[row] = z_base[row].float()
-                res.alpha[row] = 0.0
-            elif reward_ok:
-                logits[row] = z_reward[row].float()
-                res.alpha[row] = 1.0
-            else:
-                logits[row] = float("-inf")
-                if self.eos_token_id is not None:
-                    logits[row, self.eos_token_id] = 0.0
-                res.alpha[row] = float("nan")
-        with alpha_recording.RECORDER.lock:
-            alpha_recording.RECORDER.nonfinite_rows += int(bad.numel())
-        logger.error("TARo: non-finite logits in %d row(s); used the finite model alone (or ended the sequence)",
-                     int(bad.numel()))
-        return logits
+        base_bad, reward_bad = broken(z_base), broken(z_reward)
+        nan = torch.full_like(base_bad, float("nan"), dtype=torch.float32)
+        current = override.float() if override is not None else nan
+        forced = torch.where(base_bad, 1.0, torch.where(reward_bad, 0.0, current))
+        dead = base_bad & reward_bad
+        forced = torch.where(dead, 0.0, forced)  # any finite weight: the row is replaced by EOS after the mix
+        return forced, dead, base_bad | reward_bad
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         from vllm.model_executor.models.utils import AutoWeightsLoader
 
+        finite = FiniteWeights() if self.check_weights else None
+
         def route():
             for name, tensor in weights:
+                if finite is not None:
+                    finite.add(name, tensor)  # one on-device reduction per tensor, read once below
                 yield (name if name.startswith("reward.") else f"base.{name}"), tensor
 
         loaded = AutoWeightsLoader(self).load_weights(route())
+        if finite is not None:
+            finite.raise_if_any({**tensor_sources(self.setup.base_path, "base model"),
+                                 **tensor_sources(self.setup.reward_path, "reward model", prefix="reward.")},
+                                fix=f"--taro-no-weight-check or {NO_WEIGHT_CHECK_ENV}=1 serves it anyway")
         router, _ = load_router(self.setup.router_path, expected_vocab_size=self.setup.vocab_size,
                                 expected_tokenizer_fingerprint=self.setup.tokenizer_fingerprint)
         state = router.state_dict()

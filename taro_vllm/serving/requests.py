@@ -11,19 +11,24 @@ A request chooses how its tokens are mixed through ``vllm_xargs`` (OpenAI API ``
 Each running request owns a row of the batch; the model reads one override per row (NaN = use the router) inside
 ``compute_logits``, so the mix, the sampled token and the returned logprobs all agree. The rows are filled by the
 runner-specific feeder: :class:`TaroLogitsProcessor` on vLLM's V1 model runner (CPU, or GPU with
-``VLLM_USE_V2_MODEL_RUNNER=0``) and ``TaroModelState`` (model.py) on the V2 GPU runner.
+``VLLM_USE_V2_MODEL_RUNNER=0``) and ``TaroModelState`` (model_state.py) on the V2 GPU runner. On both runners the
+options are validated at admission by :meth:`TaroLogitsProcessor.validate_params` (HTTP 400).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from taro_vllm.serving.args import MODES
+
+logger = logging.getLogger("taro_vllm")
 
 XARG_KEYS = ("taro_mode", "taro_alpha", "taro_trace")
 
@@ -97,26 +102,51 @@ def parse_options(extra_args: dict[str, Any] | None) -> TaroRequestOptions:
         raise ValueError(msgs) from None
 
 
+def _pin_memory_available() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - broken CUDA install: pageable memory still works
+        return False
+
+
 class RowState:
     """Per-row TARo settings of the running batch, shared by the feeder and the model in one worker process.
 
-    ``begin_step`` is called by the feeder once per scheduler step, before the forward pass; the model consumes it in
-    the first ``compute_logits`` call whose row count matches (later calls in the same step, e.g. prompt logprobs,
-    use the router and the server default only).
+    Where each piece lives (explicitly, whatever ``torch.device`` context the model is built under):
+
+    * ``override`` - the feeder's per-row table, host numpy (the feeders write it row by row);
+    * two staging buffers, host, pinned when CUDA is present - ``begin_step`` snapshots the step's rows into one of
+      them (alternating, so a host write never races a copy still in flight from the step before);
+    * the model's device buffer (on ``device``, or on the device of the logits when that differs) - ``take`` issues
+      one non-blocking copy into it.
+
+    ``begin_step`` is called by the feeder once per scheduler step, before the forward pass; it also computes, on
+    the host, whether any row uses the router and whether any row is overridden, so the model never has to ask the
+    device. The model consumes the step in the first ``compute_logits`` call whose row count matches (later calls
+    in the same step, e.g. prompt logprobs, use the router and the server default only).
     """
 
-    def __init__(self, max_rows: int, default_weight: float = math.nan):
+    def __init__(self, max_rows: int, default_weight: float = math.nan, device: torch.device | str = "cpu"):
         self.default_weight = default_weight
-        self.override = torch.full((max_rows,), default_weight, dtype=torch.float32)
+        self.override = np.full((max_rows,), default_weight, dtype=np.float32)
         self.trace: list[str | None] = [None] * max_rows
         self.num_rows = 0
         self.fresh = False
+        self.needs_router = math.isnan(default_weight)
+        self.all_router = self.needs_router
         self.lock = threading.Lock()
+        pin = _pin_memory_available()
+        self._staging = [torch.full((max_rows,), default_weight, dtype=torch.float32, device="cpu", pin_memory=pin)
+                         for _ in range(2)]
+        self._staging_np = [t.numpy() for t in self._staging]  # host views, for writes without torch ops
+        self._which = 0
+        self.device = torch.device(device)
+        self.device_override = torch.full((max_rows,), default_weight, dtype=torch.float32, device=self.device)
 
     def ensure(self, rows: int) -> None:
-        if rows > self.override.numel():
-            extra = rows - self.override.numel()
-            self.override = torch.cat([self.override, torch.full((extra,), self.default_weight)])
+        if rows > self.override.shape[0]:
+            extra = rows - self.override.shape[0]
+            self.override = np.concatenate([self.override, np.full((extra,), self.default_weight, np.float32)])
             self.trace.extend([None] * extra)
 
     def set_row(self, i: int, weight: float, trace: str | None) -> None:
@@ -137,28 +167,47 @@ class RowState:
             self.trace[dst] = self.trace[src]
 
     def begin_step(self, num_rows: int) -> None:
+        self.ensure(num_rows)
         self.num_rows = num_rows
         self.fresh = True
+        self._which ^= 1
+        if self._staging[self._which].numel() < num_rows:
+            self._staging[self._which] = torch.empty((num_rows,), dtype=torch.float32, device="cpu",
+                                                     pin_memory=_pin_memory_available())
+            self._staging_np[self._which] = self._staging[self._which].numpy()
+        w = self.override[:num_rows]
+        self._staging_np[self._which][:num_rows] = w  # host memcpy
+        nan = np.isnan(w)
+        self.needs_router = bool(nan.any())
+        self.all_router = bool(nan.all())
 
-    def take(self, rows: int) -> tuple[torch.Tensor | None, list[str | None] | None]:
-        """Overrides (None when nothing is overridden) and trace ids for this step's sampling rows.
+    def _device_buffer(self, rows: int, device: torch.device) -> torch.Tensor:
+        if self.device_override.device != device or self.device_override.numel() < rows:
+            self.device = device
+            self.device_override = torch.full((max(rows, self.override.shape[0]),), self.default_weight,
+                                              dtype=torch.float32, device=device)
+        return self.device_override[:rows]
 
-        Trace ids are None for calls that are not a step's sampling call (warm-up, profiling, prompt logprobs):
-        their a_t are not recorded.
+    def take(self, rows: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor | None, list[str | None] | None, bool]:
+        """Overrides on ``device`` (None when nothing is overridden), trace ids, and whether the router must run.
+
+        Never reads from the device: the flags were computed on the host by ``begin_step``, and the overrides reach
+        the device by one non-blocking copy from pinned memory. Trace ids are None for calls that are not a step's
+        sampling call (warm-up, profiling, prompt logprobs): their a_t are not recorded.
         """
+        device = torch.device(device)
         if not self.fresh or rows != self.num_rows:
-            return self._default(rows), None
+            if math.isnan(self.default_weight):
+                return None, None, True
+            return torch.full((rows,), self.default_weight, dtype=torch.float32, device=device), None, False
         self.fresh = False
-        ovr = self.override[:rows]
         trace = self.trace[:rows]
-        if bool(torch.isnan(ovr).all()):
-            return None, trace
-        return ovr.clone(), trace
-
-    def _default(self, rows: int) -> torch.Tensor | None:
-        if math.isnan(self.default_weight):
-            return None
-        return torch.full((rows,), self.default_weight)
+        if self.all_router:
+            return None, trace, True
+        dev = self._device_buffer(rows, device)
+        dev.copy_(self._staging[self._which][:rows], non_blocking=True)
+        return dev, trace, self.needs_router
 
 
 # One engine per worker process; the model registers its RowState here and the feeder finds it.
@@ -178,25 +227,35 @@ def engine_key(vllm_config: Any) -> str:
     return str(getattr(vllm_config.model_config, "model", ""))
 
 
-def _v1_processor_base() -> type:
-    from vllm.v1.sample.logits_processor import LogitsProcessor
+def _processor_bases() -> tuple[type, ...]:
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-    return LogitsProcessor
+    return V1LogitsProcessor, V2LogitsProcessor
 
 
-class TaroLogitsProcessor(_v1_processor_base()):  # type: ignore[misc]
-    """V1-runner feeder: keeps the per-row overrides in step with the persistent batch. ``apply`` is a no-op.
+class TaroLogitsProcessor(*_processor_bases()):  # type: ignore[misc]
+    """One class for both of vLLM's model runners, so nobody has to predict which one runs.
 
-    Passed with ``--logits-processors taro_vllm.serving.requests:TaroLogitsProcessor`` (``taro-vllm serve`` and
-    ``taro_vllm.serving.llm`` add it when the V1 runner runs). It is deliberately NOT registered as a
-    ``vllm.logits_processors`` entry point: vLLM 0.32's V2 GPU runner refuses to start when one is installed.
+    * On the V1 runner (CPU, or GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``) it is the feeder: it keeps the per-row
+      overrides in step with the persistent batch (``update_state``).
+    * On the V2 runner (the GPU default) ``TaroModelState`` feeds the rows; this class only validates ``taro_*``
+      options at admission (vLLM's frontend builds its params validator from ``--logits-processors``, and the V2
+      loader refuses V1-only classes). ``add_request`` returns False, so the sampler never copies logits for it.
+    * ``validate_params`` (both runners) turns a bad option into a ``VLLMValidationError``: HTTP 400 online, a
+      ``ValueError`` offline, before the request reaches the engine.
+
+    Passed with ``--logits-processors taro_vllm.serving.requests:TaroLogitsProcessor`` (``taro-vllm serve``,
+    ``vllm serve --taro-router`` and ``taro_llm`` add it; the model refuses to start without it). It is deliberately
+    NOT registered as a ``vllm.logits_processors`` entry point: vLLM loads those for every model.
     """
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         parse_options(sampling_params.extra_args)
 
-    def __init__(self, vllm_config, device, is_pin_memory) -> None:
+    def __init__(self, vllm_config, *runner_args) -> None:
+        # V1: (vllm_config, device, is_pin_memory); V2: (vllm_config, LogitsProcRequestState).
         hf = vllm_config.model_config.hf_config
         self.default_mode = getattr(hf, "taro_default_mode", None) or "router"
         self.default_alpha = getattr(hf, "taro_default_alpha", None)
@@ -208,11 +267,23 @@ class TaroLogitsProcessor(_v1_processor_base()):  # type: ignore[misc]
             self.rows = rows_for(self.key)
         return self.rows
 
-    def is_argmax_invariant(self) -> bool:
-        return True  # apply() changes nothing; the mix happened in compute_logits
+    # --- V2 interface: validation only ---------------------------------------------------------------------------
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        return False  # TaroModelState holds the per-request state; nothing to do to the sampler's logits
+
+    def apply_staged_writes(self) -> None:
+        pass
+
+    # --- both -------------------------------------------------------------------------------------------------
+
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        return logits  # the mix happened in compute_logits
+
+    # --- V1 interface: the feeder -----------------------------------------------------------------------------
+
+    def is_argmax_invariant(self) -> bool:
+        return True  # apply() changes nothing
 
     def update_state(self, batch_update) -> None:
         rows = self._rows()
@@ -223,8 +294,9 @@ class TaroLogitsProcessor(_v1_processor_base()):  # type: ignore[misc]
                 for i in batch_update.removed:
                     rows.clear_row(i)
                 for i, params, _prompt, _out in batch_update.added:
-                    opts = parse_options(params.extra_args)
-                    rows.set_row(i, opts.weight(self.default_mode, self.default_alpha), opts.taro_trace)
+                    weight, trace = options_or_default(params.extra_args, self.default_mode, self.default_alpha,
+                                                       rows.default_weight)
+                    rows.set_row(i, weight, trace)
                 from vllm.v1.sample.logits_processor import MoveDirectionality
 
                 for src, dst, direction in batch_update.moved:
@@ -232,3 +304,20 @@ class TaroLogitsProcessor(_v1_processor_base()):  # type: ignore[misc]
                 rows.begin_step(batch_update.batch_size)
             else:
                 rows.begin_step(rows.num_rows)
+
+
+def options_or_default(extra_args: Any, default_mode: str, default_alpha: float | None,
+                       default_weight: float) -> tuple[float, str | None]:
+    """(weight, trace id) of a request, inside the engine: never raises.
+
+    Requests are validated at admission (``TaroLogitsProcessor.validate_params``); an option that still reaches the
+    engine invalid (a frontend without the validator) must not kill the engine with every in-flight request, so it
+    is logged and the request gets the server default.
+    """
+    try:
+        opts = parse_options(extra_args)
+        return opts.weight(default_mode, default_alpha), opts.taro_trace
+    except Exception as e:  # noqa: BLE001 - any bad input: the engine keeps serving
+        logger.error("TARo: invalid per-request options %r reached the engine (%s); using the server default",
+                     extra_args, e)
+        return default_weight, None

@@ -69,9 +69,52 @@ def _model_arg(rest: list[str]) -> str | None:
     return None
 
 
+def _flag_value(rest: list[str], *names: str) -> str | None:
+    """The value of the last ``--flag VALUE`` / ``--flag=VALUE`` in a vllm argv (None when absent)."""
+    value = None
+    for i, a in enumerate(rest):
+        for name in names:
+            if a == name and i + 1 < len(rest):
+                value = rest[i + 1]
+            elif a.startswith(name + "="):
+                value = a.split("=", 1)[1]
+    return value
+
+
+def _parse_len(text: str | None) -> int | None:
+    """vLLM's --max-model-len spellings: 2048, 4k, 1K, 1m (None when absent or not understood: the engine checks
+    again with vLLM's own value)."""
+    if not text:
+        return None
+    t = text.strip().lower()
+    scale = {"k": 1000, "m": 1000 ** 2}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if scale > 1 else t) * scale)
+    except ValueError:
+        return None
+
+
+def _refuse_unsupported_engine_flags(rest: list[str], setup) -> None:
+    """The engine flags TARo cannot serve, refused before vLLM starts (the model checks again on the real config)."""
+    from taro_vllm.serving.plugin import unsupported_setup
+
+    base_cfg = json.loads((Path(setup.base_path) / "config.json").read_text())
+    reward_cfg = json.loads((Path(setup.reward_path) / "config.json").read_text())
+    max_len = _parse_len(_flag_value(rest, "--max-model-len"))
+    if max_len is None:  # vLLM serves the base model's own context
+        max_len = base_cfg.get("max_position_embeddings") if isinstance(base_cfg.get("max_position_embeddings"),
+                                                                         int) else None
+    reasons = unsupported_setup(
+        base_cfg=base_cfg, reward_cfg=reward_cfg, reward_path=setup.reward_path, max_model_len=max_len,
+        speculative=_flag_value(rest, "--speculative-config", "-sc") is not None,
+        prompt_embeds="--enable-prompt-embeds" in rest)
+    if reasons:
+        raise TaroSetupError("; ".join(reasons))
+
+
 def build_vllm_argv(argv: list[str]) -> list[str]:
     """The ``vllm serve`` argv for a ``taro-vllm serve`` argv (validates the TARo setup first)."""
-    from taro_vllm.serving.plugin import FEEDER, WORKER_EXTENSION, uses_v1_runner
+    from taro_vllm.serving.plugin import FEEDER, WORKER_EXTENSION
 
     taro_args, rest = _split_args(argv)
     taro = taro_overrides(vars(taro_args))
@@ -81,11 +124,12 @@ def build_vllm_argv(argv: list[str]) -> list[str]:
     if base is None:
         raise TaroSetupError("taro-vllm serve needs the base model: taro-vllm serve BASE --taro-router CKPT")
     setup = validate_setup(base, taro["taro_router"], taro.get("taro_reward_model"))
+    _refuse_unsupported_engine_flags(rest, setup)
     taro["taro_router"] = str(Path(setup.router_path).resolve())
     taro["taro_reward_model"] = str(Path(setup.reward_path).resolve())
     overrides = merge_hf_overrides(taro_args.hf_overrides, taro)
     out = rest + ["--hf-overrides", json.dumps(overrides)]
-    if uses_v1_runner() and FEEDER not in rest:
+    if FEEDER not in rest:  # both runners: the V1 feeder and the V2 admission validator are one class
         out += ["--logits-processors", FEEDER]
     if "--worker-extension-cls" not in rest:
         out += ["--worker-extension-cls", WORKER_EXTENSION]
