@@ -82,11 +82,11 @@ def triton_checks() -> None:
         check("triton int64 row offsets (rows x vocab > 2**31)", True, "skipped: not enough free GPU memory")
     zb, zr = torch.randn(32, 151936, device="cuda"), torch.randn(32, 151936, device="cuda")
     w = torch.full((32,), 0.5, device="cuda")
-    mix.fused_mix(zb, zr, override=w, needs_router=False)
+    mix.route_and_mix(zb, zr, override=w, needs_router=False)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(100):
-        mix.fused_mix(zb, zr, override=w, needs_router=False)
+        mix.route_and_mix(zb, zr, override=w, needs_router=False)
     torch.cuda.synchronize()
     check("fused fixed-a mix, batch 32, vocab 151936", True, f"{(time.perf_counter() - t0) * 10:.3f} ms/call")
 

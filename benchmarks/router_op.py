@@ -4,7 +4,7 @@
     python -m benchmarks.router_op --vocab 49152 --batch 1 32 --repeats 3    # quick
 
 Needs only torch (Triton on CUDA): runs on a GPU when one is present, else on CPU. "reference" = router on the
-inputs, then the plain formula ``(1 - a) z_b + a z_r``; "fused" = ``taro_vllm.mix.fused_mix`` (features, a_t and the
+inputs, then the plain formula ``(1 - a) z_b + a z_r``; "fused" = ``taro_vllm.mix.route_and_mix`` (features, a_t and the
 mix in as few passes as the device allows). GB/s counts the bytes that must at least be touched: both ``[N, V]``
 inputs read once and the fp32 output written once.
 """
@@ -49,13 +49,13 @@ def bench(vocab: int, batch: int, kind: str, device: torch.device, dtype: torch.
 
     def fused():
         with torch.inference_mode():
-            return mix.fused_mix(zb, zr, router=router).logits
+            return mix.route_and_mix(zb, zr, router=router).logits
 
     fixed_a = torch.full((batch,), 0.5, device=device)
 
     def mix_only():  # the GenARM fixed-a path: what the router adds on top of it is fused - mix_only
         with torch.inference_mode():
-            return mix.fused_mix(zb, zr, override=fixed_a).logits
+            return mix.route_and_mix(zb, zr, override=fixed_a).logits
 
     bytes_min = 2 * batch * vocab * zb.element_size() + batch * vocab * 4
     t_ref, t_fused = _time(reference, device, repeats), _time(fused, device, repeats)

@@ -89,11 +89,11 @@ class BaseSampler:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         from transformers import AutoTokenizer
 
-        from taro_vllm import assets
+        from taro_vllm.demo import demo_router
         from taro_vllm.serving.llm import taro_llm
 
         self.tok = AutoTokenizer.from_pretrained(base)
-        self.llm = taro_llm(base, str(assets.demo_router(Path(base))), dtype=dtype, max_model_len=1024, seed=seed,
+        self.llm = taro_llm(base, str(demo_router(Path(base))), dtype=dtype, max_model_len=1024, seed=seed,
                             enforce_eager=eager)
 
     def generate(self, problems: list[tawp.Problem], n: int, temperature: float, max_tokens: int) -> list[list[str]]:

@@ -3,7 +3,11 @@
     taro-vllm assets {tokenizer,tiny,smollm2,qwen-coder,all}   build offline model assets (idempotent)
     taro-vllm demo [--reference]                               serve TARo on SmolLM2 (or mix a few tokens in HF)
     taro-vllm serve BASE --taro-router CKPT [vllm serve flags]  vllm serve with TARo (see taro_vllm.serving.serve)
-    taro-vllm train {reward,router} ...                         router_training
+    taro-vllm train {data,reward,router,...} ...                the trainers (router_training; = taro-vllm-train)
+
+Commands other than these come from the ``taro_vllm.commands`` entry-point group: ``train`` is registered there by
+this project's pyproject.toml (pointing at ``router_training.__main__:main``), so this package never imports the
+trainers, which import it.
 """
 
 from __future__ import annotations
@@ -59,6 +63,18 @@ def _demo_reference(argv: list[str]) -> int:
     return 0
 
 
+COMMANDS_GROUP = "taro_vllm.commands"
+
+
+def _registered_command(name: str):
+    """The ``main(argv) -> int`` another package registered as ``taro-vllm NAME``, or None."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=COMMANDS_GROUP, name=name):
+        return ep.load()
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -78,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         from taro_vllm.serving.serve import serve
 
         return serve(rest)
+    registered = _registered_command(cmd)
+    if registered is not None:
+        return registered(rest)
     if cmd == "train":
-        from router_training.__main__ import main as train_main
-
-        return train_main(rest)
+        print("error: no `train` command is registered (an install older than the taro_vllm.commands entry point): "
+              "reinstall (`pip install -e .`) or run `python -m router_training ...`", file=sys.stderr)
+        return 2
     print(f"unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2
 

@@ -79,7 +79,7 @@ def _generate_batch(base, reward, prompts, max_new_tokens, alpha, router, temper
         past_b, past_r = ob.past_key_values, orw.past_key_values
         zb = ob.logits[:, -1, :]
         zr = orw.logits[:, -1, :]
-        res = mix.fused_mix(zb, zr, router=router, override=override, strict=True)
+        res = mix.route_and_mix(zb, zr, router=router, override=override, strict=True)
         tok = _pick(res.logits, temperature, generator)
         logp = torch.log_softmax(res.logits, dim=-1).gather(1, tok[:, None]).squeeze(1)
         for i in range(n):

@@ -1,8 +1,8 @@
 """Triton kernels for the mix on CUDA: the two-model row logsumexp in one pass, and the fp32 mix.
 
-Used by :mod:`taro_vllm.mix` only for CUDA tensors when Triton imports; everything has a torch fallback. The kernels
-also run on CPU tensors under ``TRITON_INTERPRET=1``, which is how the test suite checks them on a machine without a
-GPU (not yet measured on a GPU: see README).
+Used by :mod:`taro_vllm.mix` and :mod:`taro_vllm.features` only for CUDA tensors when Triton imports; everything has
+a torch fallback. The kernels also run on CPU tensors under ``TRITON_INTERPRET=1``, which is how the test suite checks
+them on a machine without a GPU (not yet measured on a GPU: see README).
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ except Exception:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
 
 
+# Decided once, at import (as vLLM's sampler picks its top-k/top-p backend once): Triton importable and not turned off
+# with TARO_DISABLE_TRITON=1. Per call only the tensor's device is left to check.
+ENABLED = HAS_TRITON and os.environ.get("TARO_DISABLE_TRITON", "0") != "1"
+
+
 def available(t: torch.Tensor) -> bool:
-    return HAS_TRITON and t.is_cuda and os.environ.get("TARO_DISABLE_TRITON", "0") != "1"
+    """Whether the kernels serve this tensor: Triton enabled and a CUDA tensor."""
+    return ENABLED and t.is_cuda
 
 
 if HAS_TRITON:

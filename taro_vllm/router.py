@@ -1,6 +1,8 @@
 """The TARo router: reads base and reward logits, returns the mixing weight a_t in (0, 1) per row.
 
-Two variants behind one interface (``router(z_base, z_reward) -> a``, shapes ``[N, V], [N, V] -> [N]``):
+Two variants behind one interface (``router(z_base, z_reward) -> a``, shapes ``[N, V], [N, V] -> [N]``; and
+``router.weight(z_base, z_reward) -> RouterWeight``, the same a plus the row statistics computed on the way, which is
+what :mod:`taro_vllm.mix` calls):
 
 * ``topk`` (default): the top-K entries of the two models as *log-probabilities* plus a learnable embedding of each
   selected token id, through a small MLP.  Log-probabilities rather than raw logits because they are invariant to
@@ -18,7 +20,8 @@ pre-activation std is about 1 on LM-like rows.  Format 1 fed unscaled log-probs 
 layer was large, so a few Adam steps on the output layer moved a_t's logit by tens of units (saturation), and the
 full router's first layer started with pre-activation std about 22-24.
 
-Feature extraction lives in :mod:`taro_vllm.mix` so the fused serving path and training share it bit for bit.
+Feature extraction lives in :mod:`taro_vllm.features` (below this module and :mod:`taro_vllm.mix`) so serving and
+training share it bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from taro_vllm import mix
+from taro_vllm.features import RouterWeight, TopKFeatures, full_logprobs, topk_features
 
 
 INIT_ALPHA = 0.1  # a_t of a freshly initialised router: mostly the base, room to move both ways
@@ -133,23 +136,28 @@ class TopKRouter(nn.Module):
             first.bias.zero_()
         _init_head(self.mlp, cfg.init_bias)
 
-    def _inputs(self, feats: mix.TopKFeatures) -> torch.Tensor:
+    def _inputs(self, feats: TopKFeatures) -> torch.Tensor:
         s = self.cfg.input_scale
         parts = [(_clamp_logp(feats.logp_base) * s).unsqueeze(-1), (_clamp_logp(feats.logp_reward) * s).unsqueeze(-1)]
         if self.embed is not None:
             parts.append(self.embed(feats.ids).float())
         return torch.cat(parts, dim=-1).flatten(1).to(self.mlp[0].weight.dtype)
 
-    def forward_features(self, feats: mix.TopKFeatures) -> torch.Tensor:
-        """a_t from precomputed features (the fused serving path and the feature-cache trainer call this)."""
+    def forward_features(self, feats: TopKFeatures) -> torch.Tensor:
+        """a_t from precomputed features (:meth:`weight` and the feature-cache trainer call this)."""
         return torch.sigmoid(self.mlp(self._inputs(feats)).squeeze(-1).float())
+
+    def weight(self, z_base: torch.Tensor, z_reward: torch.Tensor) -> RouterWeight:
+        """a_t and the two row logsumexps the features computed (the mix reuses them to flag NaN/+inf rows)."""
+        feats = topk_features(z_base, z_reward, self.cfg.k, self.cfg.source)
+        return RouterWeight(self.forward_features(feats), (feats.lse_base, feats.lse_reward))
 
     def pre_activation(self, z_base: torch.Tensor, z_reward: torch.Tensor) -> torch.Tensor:
         """The first layer's output before the SiLU, [N, hidden_dim] (diagnostics: its std is about 1 at init)."""
-        return self.mlp[0](self._inputs(mix.topk_features(z_base, z_reward, self.cfg.k, self.cfg.source)))
+        return self.mlp[0](self._inputs(topk_features(z_base, z_reward, self.cfg.k, self.cfg.source)))
 
     def forward(self, z_base: torch.Tensor, z_reward: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(mix.topk_features(z_base, z_reward, self.cfg.k, self.cfg.source))
+        return self.forward_features(topk_features(z_base, z_reward, self.cfg.k, self.cfg.source))
 
 
 class FullRouter(nn.Module):
@@ -189,16 +197,20 @@ class FullRouter(nn.Module):
         return lb @ w[:, :v].T + lr @ w[:, v:].T + self.mlp[0].bias
 
     def forward_logprobs(self, logp_base: torch.Tensor, logp_reward: torch.Tensor) -> torch.Tensor:
-        """a_t from both full log-prob rows (the fused serving path calls this)."""
+        """a_t from both full log-prob rows (:meth:`weight` calls this)."""
         out = self.mlp[2](self.mlp[1](self._first_layer(logp_base, logp_reward)))
         return torch.sigmoid(out.squeeze(-1).float())
 
+    def weight(self, z_base: torch.Tensor, z_reward: torch.Tensor) -> RouterWeight:
+        """a_t; no row statistics (log_softmax's row sums are not returned: the mix checks the mixed row instead)."""
+        return RouterWeight(self.forward_logprobs(*full_logprobs(z_base, z_reward)))
+
     def pre_activation(self, z_base: torch.Tensor, z_reward: torch.Tensor) -> torch.Tensor:
         """The first layer's output before the SiLU, [N, hidden_dim] (diagnostics: its std is about 1 at init)."""
-        return self._first_layer(*mix.full_logprobs(z_base, z_reward))
+        return self._first_layer(*full_logprobs(z_base, z_reward))
 
     def forward(self, z_base: torch.Tensor, z_reward: torch.Tensor) -> torch.Tensor:
-        return self.forward_logprobs(*mix.full_logprobs(z_base, z_reward))
+        return self.forward_logprobs(*full_logprobs(z_base, z_reward))
 
 
 Router = TopKRouter | FullRouter

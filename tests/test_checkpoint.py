@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from taro_vllm import assets
+from taro_vllm.demo import demo_router
 from taro_vllm.checkpoint import CheckpointError, load_router, read_config, save_router, tokenizer_fingerprint
 from taro_vllm.router import RouterConfig, build_router
 
@@ -164,7 +164,7 @@ def test_demo_router_rebuilds_an_old_untrained_router_and_skips_an_old_trained_o
         raw = json.loads((old / "config.json").read_text())
         (old / "config.json").write_text(json.dumps({**raw, "format_version": 1}))
     with pytest.warns(UserWarning, match="format-1 router checkpoint"):
-        path = assets.demo_router(base)
+        path = demo_router(base)
     assert path == tmp_path / "routers" / "smollm2-untrained"
     router, cfg = load_router(path, expected_vocab_size=49152,
                               expected_tokenizer_fingerprint=tokenizer_fingerprint(base))

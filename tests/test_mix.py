@@ -27,8 +27,8 @@ def test_a0_is_exactly_base_and_a1_exactly_reward(dtype):
     for fn in (mix.mix_reference, lambda b, r, a: mix.mix_rows(b, r, torch.full((n,), float(a)))):
         assert torch.equal(fn(zb, zr, 0.0), zb.float())
         assert torch.equal(fn(zb, zr, 1.0), zr.float())
-    assert torch.equal(mix.fused_mix(zb, zr, override=torch.zeros(n)).logits, zb.float())
-    assert torch.equal(mix.fused_mix(zb, zr, override=torch.ones(n)).logits, zr.float())
+    assert torch.equal(mix.route_and_mix(zb, zr, override=torch.zeros(n)).logits, zb.float())
+    assert torch.equal(mix.route_and_mix(zb, zr, override=torch.ones(n)).logits, zr.float())
 
 
 @pytest.mark.parametrize("kind", ["topk", "full"])
@@ -37,7 +37,7 @@ def test_fused_equals_reference_within_tolerance(kind, dtype):
     # Tolerance atol=1e-5 (a few fp32 ulps of |z| < 30): the fused path may order its fp32 operations differently.
     zb, zr = pair(dtype=dtype)
     router = random_router(kind)
-    res = mix.fused_mix(zb, zr, router=router)
+    res = mix.route_and_mix(zb, zr, router=router)
     a_ref = router(zb, zr)
     torch.testing.assert_close(res.alpha, a_ref, atol=0, rtol=0)
     torch.testing.assert_close(res.logits, mix.mix_reference(zb, zr, a_ref), atol=1e-5, rtol=0)
@@ -49,7 +49,7 @@ def test_per_row_overrides_replace_the_router_only_where_set():
     router = random_router()
     a_router = router(zb, zr)
     ovr = torch.tensor([float("nan"), 0.0, 1.0, 0.25, float("nan"), 0.5])
-    res = mix.fused_mix(zb, zr, router=router, override=ovr)
+    res = mix.route_and_mix(zb, zr, router=router, override=ovr)
     expected_a = torch.where(torch.isnan(ovr), a_router, ovr)
     torch.testing.assert_close(res.alpha, expected_a)
     assert torch.equal(res.logits[1], zb[1]) and torch.equal(res.logits[2], zr[2])
@@ -59,9 +59,9 @@ def test_per_row_overrides_replace_the_router_only_where_set():
 def test_fixed_mix_needs_no_router_but_unset_rows_do():
     zb, zr = pair()
     with pytest.raises(ValueError, match="router"):
-        mix.fused_mix(zb, zr, override=torch.tensor([0.5, float("nan"), 0.5, 0.5, 0.5, 0.5]))
+        mix.route_and_mix(zb, zr, override=torch.tensor([0.5, float("nan"), 0.5, 0.5, 0.5, 0.5]))
     with pytest.raises(ValueError):
-        mix.fused_mix(zb, zr)
+        mix.route_and_mix(zb, zr)
 
 
 @pytest.mark.parametrize("router_kind", [None, "topk", "full"])
@@ -71,10 +71,10 @@ def test_nonfinite_rows_are_reported_and_strict_mode_raises(router_kind, bad):
     zr[3, 17] = bad
     router = random_router(router_kind) if router_kind else None
     ovr = None if router else torch.full((6,), 0.3)
-    res = mix.fused_mix(zb, zr, router=router, override=ovr)
+    res = mix.route_and_mix(zb, zr, router=router, override=ovr)
     assert res.nonfinite.tolist() == [False, False, False, True, False, False]
     with pytest.raises(mix.NonFiniteLogitsError, match=r"rows \[3\]"):
-        mix.fused_mix(zb, zr, router=router, override=ovr, strict=True)
+        mix.route_and_mix(zb, zr, router=router, override=ovr, strict=True)
 
 
 @pytest.mark.parametrize("use_router", [True, False])
@@ -83,7 +83,7 @@ def test_minus_inf_masked_tokens_stay_masked_and_are_not_flagged(use_router):
     zb[:, :10] = float("-inf")  # e.g. banned tokens in the base
     zr[:, 5:15] = float("-inf")
     router = random_router() if use_router else None
-    res = mix.fused_mix(zb, zr, router=router, override=None if use_router else torch.full((6,), 0.4))
+    res = mix.route_and_mix(zb, zr, router=router, override=None if use_router else torch.full((6,), 0.4))
     assert bool(((res.alpha > 0) & (res.alpha < 1)).all())
     assert not res.nonfinite.any() and not torch.isnan(res.logits).any()
     assert torch.isneginf(res.logits[:, :15]).all() and torch.isfinite(res.logits[:, 15:]).all()
@@ -92,7 +92,7 @@ def test_minus_inf_masked_tokens_stay_masked_and_are_not_flagged(use_router):
 def test_a0_ignores_a_reward_row_that_is_all_garbage():
     zb, zr = pair()
     zr[2] = float("nan")
-    res = mix.fused_mix(zb, zr, override=torch.tensor([0.5, 0.5, 0.0, 0.5, 0.5, 0.5]))
+    res = mix.route_and_mix(zb, zr, override=torch.tensor([0.5, 0.5, 0.0, 0.5, 0.5, 0.5]))
     assert torch.equal(res.logits[2], zb[2]) and not res.nonfinite.any()
 
 
@@ -104,7 +104,7 @@ def test_reward_vocab_is_cropped_or_padded_to_the_base_vocab():
     aligned = mix.align_vocab(narrower, zb)
     assert aligned.shape == zb.shape and torch.equal(aligned[:, 90:], zb[:, 90:])
     # Mixed over the padded columns equals the base there, for any a.
-    res = mix.fused_mix(zb, narrower, override=torch.full((6,), 0.7))
+    res = mix.route_and_mix(zb, narrower, override=torch.full((6,), 0.7))
     torch.testing.assert_close(res.logits[:, 90:], zb[:, 90:])
 
 

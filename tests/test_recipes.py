@@ -40,4 +40,4 @@ def test_the_smollm2_recipe_writes_its_run_where_the_demo_finds_it(tmp_path):
     assert not (tmp_path / "home" / ".cache").exists()
     demo_router = subprocess.run([sys.executable, "-c", "from taro_vllm import assets; print(assets.cache_dir())"],
                                  env=env, capture_output=True, text=True).stdout.strip()
-    assert Path(demo_router) / "runs" / "smollm2" / "router" == run / "router"  # what assets.demo_router() serves
+    assert Path(demo_router) / "runs" / "smollm2" / "router" == run / "router"  # what demo.demo_router() serves

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from router_training import gates, onpolicy, tawp
+from router_training import gates, onpolicy, recipe_report, tawp
 from router_training.__main__ import main
 from taro_vllm.checkpoint import load_router
 
@@ -51,7 +51,7 @@ def test_reward_gate_and_routers_from_the_command_line(tmp_path, tiny_paths, run
                  str(run_data / "correct_router.jsonl"), "--data", str(run_data / "gold_router.jsonl"),
                  "--pairs", str(run_data / "pairs_router.jsonl"), "--out", str(cache)]) == 0
     for objective in ("nll", "nll+pref"):
-        out = tmp_path / objective
+        out = tmp_path / f"router_{objective.replace('+', '_')}"
         capsys.readouterr()
         assert main(["fit-router", "--cache", str(cache), "--out", str(out), "--objective", objective,
                      "--steps", "20", "--no-progress"]) == 0
@@ -64,3 +64,6 @@ def test_reward_gate_and_routers_from_the_command_line(tmp_path, tiny_paths, run
         assert report["objective"] == objective
         if objective == "nll+pref":
             assert report["train_pairs"] > 0 and "pref_accuracy" in report["eval"]
+    # The recipe's report reads every router's numbers back from the run folder.
+    lines = recipe_report.routers(tmp_path)
+    assert len(lines) == 2 and all("Gate C" in line for line in lines)

@@ -329,7 +329,7 @@ class SyncCensus(TorchDispatchMode):
 
 @pytest.fixture(autouse=True)
 def cuda_mix_path(monkeypatch):
-    """Take fused_mix's CUDA branch: the two Triton kernels are launches (no sync; their numerics are tested in
+    """Take route_and_mix's CUDA branch: the two Triton kernels are launches (no sync; their numerics are tested in
     test_mix_triton.py), stood in for here by branch-free torch with the same semantics. (The CPU branch indexes the
     rows with a = 0 or 1 exactly, a nonzero; it never runs on a GPU.)"""
     from taro_vllm import mix_triton

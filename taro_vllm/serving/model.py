@@ -3,7 +3,7 @@
     forward         both sub-models run on the same tokens (each with its own paged KV cache layers, in vLLM's one
                     KV-cache group); returns [h_base | h_reward]
     compute_logits  both heads -> router features -> a_t -> per-row overrides -> (1 - a) z_base + a z_reward
-                    (taro_vllm.mix.fused_mix). Everything after it - logprobs, penalties, sampling - sees the mix.
+                    (taro_vllm.mix.route_and_mix). Everything after it - logprobs, penalties, sampling - sees the mix.
     load_weights    the served (base) checkpoint comes unprefixed, the reward model's as ``reward.*`` via
                     ``secondary_weights``, both checked for NaN/inf as they load (model_files.FiniteWeights); the
                     router is loaded and validated by taro_vllm.checkpoint.
@@ -125,7 +125,7 @@ class TaroForCausalLM(nn.Module):
         with self.rows.lock:
             override, trace, needs_router = self.rows.take(z_base.shape[0], z_base.device)
         override, dead, broken = self._route_around_nonfinite(z_base, z_reward, override)
-        res = mix.fused_mix(z_base, z_reward, router=self.router, override=override, needs_router=needs_router)
+        res = mix.route_and_mix(z_base, z_reward, router=self.router, override=override, needs_router=needs_router)
         logits = res.logits.masked_fill_(dead[:, None], float("-inf"))
         alpha = torch.where(dead, float("nan"), res.alpha)
         eos = self._eos_columns(logits.device)

@@ -155,9 +155,10 @@ def serve(argv: list[str]) -> int:
 def demo(argv: list[str]) -> int:
     """Serve TARo on the offline SmolLM2-135M assets, building what is missing."""
     from taro_vllm import assets
+    from taro_vllm.demo import demo_router
 
     base = assets.build_smollm2()
-    router = assets.demo_router(base)
+    router = demo_router(base)
     print(f"taro-vllm demo: base {base}\n                router {router}", file=sys.stderr)
     defaults = ["--dtype", "float32", "--max-model-len", "2048", "--host", "127.0.0.1", "--port", "8000",
                 "--served-model-name", "taro"]
