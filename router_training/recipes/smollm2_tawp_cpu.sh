@@ -73,7 +73,7 @@ fi
 
 stage features "$RUN/cache/cache.json" \
   python -m router_training features --base "$BASE" --reward "$RUN/reward" --data "$RUN/data/correct_router.jsonl" \
-    --data "$RUN/data/gold_router.jsonl" --pairs "$RUN/data/pairs_router.jsonl" --out "$RUN/cache" --max-per-file 300
+    --data "$RUN/data/gold_router.jsonl" --pairs "$RUN/data/pairs_router.jsonl" --out "$RUN/cache" --max-per-file 120
 
 stage router_nll "$RUN/router_nll/model.safetensors" \
   python -m router_training fit-router --cache "$RUN/cache" --out "$RUN/router_nll" --objective nll \
@@ -84,7 +84,7 @@ stage router_pref "$RUN/router_pref/model.safetensors" \
 
 stage accuracy "$RUN/eval/accuracy.json" \
   python -m benchmarks.accuracy --task tawp --data "$RUN/data" --router "$RUN/router_nll" \
-    --extra-router "pref=$RUN/router_pref" --alphas 0.15 0.3 0.5 --n-test 400 --n-ood 100 --max-gsm 30 \
+    --extra-router "pref=$RUN/router_pref" --alphas 0.15 0.3 0.5 --n-test 400 --n-ood 100 --max-gsm 0 \
     $EAGER --out "$RUN/eval"
 
 # The val-selected router is the one the demo serves.
