@@ -146,3 +146,56 @@ def test_seeded_sampling_and_n(llm, prompt_ids):
     samples = [list(c.token_ids) for c in a[0].outputs]
     assert samples == [list(c.token_ids) for c in b[0].outputs] and len(samples) == 3
     assert len({tuple(s) for s in samples}) > 1
+
+
+def test_trace_with_n_gives_one_list_per_choice(llm, prompt_ids):
+    """D12: vLLM runs each of the n samples as its own engine request (child seeds seed + index); the trace keeps
+    one list per choice, each the a_t of that choice's tokens, equal to a lone n = 1 request with the child's seed."""
+    from taro_vllm.serving.alphas import RECORDER
+
+    out = generate(llm, prompt_ids[:1], {"taro_trace": "t-n2"}, temperature=1.0, seed=11, n=2, max_tokens=8)[0]
+    got = RECORDER.pop_trace("t-n2")
+    assert set(got) == {"choices"} and [c["index"] for c in got["choices"]] == [0, 1]
+    choices = sorted(out.outputs, key=lambda c: c.index)
+    assert list(choices[0].token_ids) != list(choices[1].token_ids)
+    for c, traced in zip(choices, got["choices"]):
+        assert len(traced["alphas"]) == len(c.token_ids) == 8
+        alone = generate(llm, prompt_ids[:1], {"taro_trace": f"t-alone-{c.index}"}, temperature=1.0,
+                         seed=11 + c.index, max_tokens=8)[0]
+        assert list(alone.outputs[0].token_ids) == list(c.token_ids)
+        alone_alphas = RECORDER.pop(f"t-alone-{c.index}")  # n = 1: the flat list, as before
+        assert max(abs(a - b) for a, b in zip(alone_alphas, traced["alphas"])) < 1e-4
+
+
+def test_prompt_logprobs_are_the_server_default_mix_whatever_the_mode(llm, prompt_ids, pair, router_ckpt):
+    """D11, pinned: vLLM computes prompt logprobs in a second compute_logits call that carries no request identity
+    (V1: one call per request; V2: the prompt tokens of several requests in one call), so they are those of the
+    server's default mode (here the router mix), whatever the request's taro_mode. The sampled tokens' logprobs
+    follow the request's mode (test_fixed_half_equals_the_hugging_face_reference)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from taro_vllm import mix
+    from taro_vllm.checkpoint import load_router
+
+    prompt = prompt_ids[1][:40]
+    router, _ = load_router(router_ckpt)
+    base = AutoModelForCausalLM.from_pretrained(pair[0], dtype=torch.float32).eval()
+    reward = AutoModelForCausalLM.from_pretrained(pair[1], dtype=torch.float32).eval()
+    with torch.no_grad():
+        ids_t = torch.tensor([prompt])
+        z_base, z_reward = base(ids_t).logits[0, :-1].float(), reward(ids_t).logits[0, :-1].float()
+        routed = mix.route_and_mix(z_base, z_reward, router=router).logits
+    rows, targets = torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])
+
+    def at_targets(z):
+        return torch.log_softmax(z.float(), dim=-1)[rows, targets].tolist()
+
+    expected, reward_alone = at_targets(routed), at_targets(z_reward)
+    assert max(abs(a - b) for a, b in zip(expected, reward_alone)) > 0.1  # the test can tell them apart
+    for xargs in (None, {"taro_mode": "reward"}, {"taro_mode": "base"}, {"taro_alpha": 0.5}):
+        sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=0, extra_args=xargs)
+        out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)[0]
+        got = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+        assert len(got) == len(prompt) - 1
+        assert max(abs(a - b) for a, b in zip(got, expected)) < 2e-3, xargs

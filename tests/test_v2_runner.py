@@ -244,6 +244,22 @@ def test_overrides_follow_the_batch_rows_not_the_slots(state, model):
     assert math.isnan(state.slot_weight[3]) and state.slot_trace[3] is None
 
 
+def test_n_samples_of_one_traced_request_get_one_list_each(state, model):
+    """D12: with n > 1 vLLM sends each sample as its own request ("{index}_{parent id}", same extra_args); the
+    trace keeps one list per choice instead of interleaving them."""
+    from taro_vllm.serving.alphas import RECORDER
+
+    parent = "cmpl-7-0-ab12cd34"
+    state.add_request(2, new_request(f"0_{parent}", taro_alpha=0.25, taro_trace="n2"))
+    state.add_request(0, new_request(f"1_{parent}", taro_alpha=0.25, taro_trace="n2"))
+    state.add_request(1, new_request("other", taro_alpha=0.5))
+    for step, slots in enumerate([[0, 1, 2], [2, 0], [2]]):  # rows reordered; choice 1 finishes after 2 tokens
+        state.prepare_inputs(decode_batch(slots), None)
+        model.compute_logits(hidden(model, len(slots), seed=step))
+    assert RECORDER.pop_trace("n2") == {"choices": [{"index": 0, "alphas": [0.25] * 3},
+                                                    {"index": 1, "alphas": [0.25] * 2}]}
+
+
 def test_prompt_embeds_are_refused_by_vllms_model_state_check(vllm_config, model, use_v2, monkeypatch):
     """D10: vLLM's init_model_state refuses --enable-prompt-embeds for a state that does not support it (the model
     would otherwise fail in the profiling run); the model's own check refuses it even earlier."""

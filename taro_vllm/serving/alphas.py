@@ -2,7 +2,8 @@
 
 * The model records, per step, the weight used for every row into this worker process's :data:`RECORDER`: an
   all-rows histogram (cheap: one ``histc`` over N numbers) and, only for requests that set ``taro_trace``, the
-  per-token list.
+  per-token list, one per engine request: with ``n > 1`` each sample is its own engine request (vLLM's child id
+  ``"{index}_{parent id}"``), so a trace holds one list per choice.
 * :class:`TaroWorkerExtension` (``--worker-extension-cls``) exposes the recorder to ``collective_rpc``.
 * :class:`TaroAlphaEndpoint` (``vllm.endpoint_plugins`` entry point ``taro_alphas``) adds
   ``GET /v1/taro/alphas/{trace_id}`` to the OpenAI server and exports the histogram as ``taro_alpha`` on
@@ -12,6 +13,7 @@
 import asyncio
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 
@@ -21,6 +23,24 @@ logger = logging.getLogger("taro_vllm")
 
 BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # upper bounds 0.1 .. 1.0
 
+_CHILD_ID = re.compile(r"^(\d+)_(.+)$")  # vLLM's ParentRequest.get_child_info: f"{index}_{parent request id}"
+
+
+def choice_indices(request_ids: list) -> list[int]:
+    """The choice index of each engine request of one trace (given in first-recorded order).
+
+    vLLM fans a request with ``n > 1`` out into child requests ``"{index}_{parent id}"``; when every request of the
+    trace is such a child of one parent, their indices are the choice indices. Otherwise (several prompts or
+    requests sharing one trace id, or ids vLLM did not make) the requests are numbered in the order they were first
+    recorded.
+    """
+    parsed = [_CHILD_ID.match(r) if isinstance(r, str) else None for r in request_ids]
+    if all(parsed) and len({m.group(2) for m in parsed}) == 1:
+        idx = [int(m.group(1)) for m in parsed]
+        if len(set(idx)) == len(idx):
+            return idx
+    return list(range(len(request_ids)))
+
 
 class AlphaRecorder:
     """Per-process store of a_t: traces by id (bounded, oldest evicted) and a running histogram.
@@ -28,12 +48,15 @@ class AlphaRecorder:
     The histogram, its count and sum and the non-finite row count are accumulated on the device the alphas live on
     and read back only by :meth:`stats` (the metrics poll), so recording a step costs no host-device sync unless a
     row is traced (then one copy of the step's weights to the host).
+
+    A row's trace key is ``(trace id, engine request id)`` (or a bare trace id: request unknown); each trace keeps
+    one list per engine request, so the ``n`` samples of one request are never interleaved.
     """
 
     def __init__(self, max_traces: int = 4096, max_tokens: int = 65536):
         self.max_traces = max_traces
         self.max_tokens = max_tokens
-        self.traces: OrderedDict[str, list[float]] = OrderedDict()
+        self.traces: OrderedDict[str, dict[str | None, list[float]]] = OrderedDict()  # trace -> request -> a_t
         self.bucket_counts = [0] * len(BUCKETS)
         self.count = 0
         self.total = 0.0
@@ -62,11 +85,15 @@ class AlphaRecorder:
             for row, key in enumerate(trace):
                 if key is None:
                     continue
-                buf = self.traces.get(key)
-                if buf is None:
-                    buf = self.traces[key] = []
+                key, request = key if isinstance(key, tuple) else (key, None)
+                per_request = self.traces.get(key)
+                if per_request is None:
+                    per_request = self.traces[key] = {}
                     while len(self.traces) > self.max_traces:
                         self.traces.popitem(last=False)
+                buf = per_request.get(request)
+                if buf is None:
+                    buf = per_request[request] = []
                 if len(buf) < self.max_tokens:
                     buf.append(float(host[row]))
 
@@ -87,9 +114,25 @@ class AlphaRecorder:
             logger.error("TARo: non-finite logits in %d row(s) since the last report; served from the finite model "
                          "alone (or ended the sequence when both were broken)", new_bad)
 
-    def pop(self, key: str) -> list[float] | None:
+    def pop_trace(self, key: str) -> dict | None:
+        """A trace, removed: ``{"alphas": [...]}`` when one request recorded it (``n = 1``, the shape it always had),
+        ``{"choices": [{"index": i, "alphas": [...]}, ...]}`` (sorted by index) when several did (``n > 1``)."""
         with self.lock:
-            return self.traces.pop(key, None)
+            per_request = self.traces.pop(key, None)
+        if per_request is None:
+            return None
+        if len(per_request) == 1:
+            return {"alphas": next(iter(per_request.values()))}
+        indices = choice_indices(list(per_request))
+        return {"choices": sorted(({"index": i, "alphas": a} for i, a in zip(indices, per_request.values())),
+                                  key=lambda c: c["index"])}
+
+    def pop(self, key: str) -> list[float] | list[list[float]] | None:
+        """A trace's a_t, removed: one list for one request, a list per choice (in index order) for ``n > 1``."""
+        out = self.pop_trace(key)
+        if out is None:
+            return None
+        return out["alphas"] if "alphas" in out else [c["alphas"] for c in out["choices"]]
 
     def stats(self) -> dict:
         with self.lock:
@@ -104,8 +147,8 @@ RECORDER = AlphaRecorder()
 class TaroWorkerExtension:
     """Mixed into vLLM's worker class (``--worker-extension-cls``) for ``collective_rpc`` calls."""
 
-    def taro_pop_alphas(self, trace_id: str) -> list[float] | None:
-        return RECORDER.pop(trace_id)
+    def taro_pop_alphas(self, trace_id: str) -> dict | None:
+        return RECORDER.pop_trace(trace_id)
 
     def taro_alpha_stats(self) -> dict:
         return RECORDER.stats()
@@ -173,13 +216,13 @@ class TaroAlphaEndpoint:
                 return JSONResponse({"error": {"message": "no engine", "type": "ServiceUnavailable", "code": 503}},
                                     status_code=503)
             per_rank = await client.collective_rpc("taro_pop_alphas", args=(trace_id,))
-            alphas = next((r for r in per_rank if r is not None), None)
-            if alphas is None:
+            found = next((r for r in per_rank if r is not None), None)
+            if found is None:
                 return JSONResponse(
                     {"error": {"message": f"no a_t recorded for taro_trace {trace_id!r} (unknown, or already "
                                           "fetched: each trace is returned once)", "type": "NotFoundError",
                                "code": 404}}, status_code=404)
-            return {"trace_id": trace_id, "alphas": alphas}
+            return {"trace_id": trace_id, **found}  # "alphas" (n = 1) or "choices" (n > 1)
 
         app.include_router(router)
         _openai_style_http_errors(app)

@@ -34,7 +34,7 @@ class TaroModelState(DefaultModelState):
         self.default_mode = getattr(hf, "taro_default_mode", None) or "router"
         self.default_alpha = getattr(hf, "taro_default_alpha", None)
         self.slot_weight = np.full((self.max_num_reqs,), model.rows.default_weight, dtype=np.float32)
-        self.slot_trace: list[str | None] = [None] * self.max_num_reqs
+        self.slot_trace: list[tuple[str, str] | None] = [None] * self.max_num_reqs  # (taro_trace, request id)
         self.slot_of: dict[str, int] = {}
 
     def add_request(self, req_index: int, new_req_data) -> None:
@@ -43,7 +43,8 @@ class TaroModelState(DefaultModelState):
         weight, trace = options_or_default(params.extra_args if params is not None else None, self.default_mode,
                                            self.default_alpha, self.model.rows.default_weight)
         self.slot_weight[req_index] = weight
-        self.slot_trace[req_index] = trace
+        # Keyed by request id too: with n > 1 each sample is its own request and gets its own list (alphas.py).
+        self.slot_trace[req_index] = (trace, new_req_data.req_id) if trace is not None else None
         self.slot_of[new_req_data.req_id] = req_index
 
     def remove_request(self, req_id: str) -> None:

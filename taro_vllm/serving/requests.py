@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 from typing import Any, Literal
 
@@ -31,6 +32,10 @@ from taro_vllm.serving.args import MODES
 logger = logging.getLogger("taro_vllm")
 
 XARG_KEYS = ("taro_mode", "taro_alpha", "taro_trace")
+
+# A traced row's key for the a_t recorder: (taro_trace, engine request id). The request id tells the n samples of one
+# request apart (each is its own engine request); None when the runner did not say (then they share one list).
+TraceKey = tuple[str, "str | None"]
 
 
 class TaroRequestOptions(BaseModel):
@@ -129,7 +134,7 @@ class RowState:
     def __init__(self, max_rows: int, default_weight: float = math.nan, device: torch.device | str = "cpu"):
         self.default_weight = default_weight
         self.override = np.full((max_rows,), default_weight, dtype=np.float32)
-        self.trace: list[str | None] = [None] * max_rows
+        self.trace: list[TraceKey | None] = [None] * max_rows
         self.num_rows = 0
         self.fresh = False
         self.needs_router = math.isnan(default_weight)
@@ -149,7 +154,7 @@ class RowState:
             self.override = np.concatenate([self.override, np.full((extra,), self.default_weight, np.float32)])
             self.trace.extend([None] * extra)
 
-    def set_row(self, i: int, weight: float, trace: str | None) -> None:
+    def set_row(self, i: int, weight: float, trace: TraceKey | None) -> None:
         self.ensure(i + 1)
         self.override[i] = weight
         self.trace[i] = trace
@@ -189,7 +194,7 @@ class RowState:
         return self.device_override[:rows]
 
     def take(self, rows: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor | None, list[str | None] | None, bool]:
+             ) -> tuple[torch.Tensor | None, list[TraceKey | None] | None, bool]:
         """Overrides on ``device`` (None when nothing is overridden), trace ids, and whether the router must run.
 
         Never reads from the device: the flags were computed on the host by ``begin_step``, and the overrides reach
@@ -293,17 +298,56 @@ class TaroLogitsProcessor(*_processor_bases()):  # type: ignore[misc]
             if batch_update is not None:
                 for i in batch_update.removed:
                     rows.clear_row(i)
+                traced = False
                 for i, params, _prompt, _out in batch_update.added:
                     weight, trace = options_or_default(params.extra_args, self.default_mode, self.default_alpha,
                                                        rows.default_weight)
-                    rows.set_row(i, weight, trace)
+                    rows.set_row(i, weight, (trace, None) if trace is not None else None)
+                    traced |= trace is not None
                 from vllm.v1.sample.logits_processor import MoveDirectionality
 
                 for src, dst, direction in batch_update.moved:
                     rows.move(src, dst, direction == MoveDirectionality.SWAP)
+                if traced:
+                    _name_traced_rows(rows, batch_update.batch_size)
                 rows.begin_step(batch_update.batch_size)
             else:
                 rows.begin_step(rows.num_rows)
+
+
+def _v1_batch_req_ids() -> list | None:
+    """The V1 runner's row -> request id list (``InputBatch.req_ids``), or None if it cannot be found.
+
+    vLLM's V1 ``BatchUpdate`` gives a logits processor each added row's params but not its request id, and with
+    ``n > 1`` the samples' params are identical (often the same object). ``InputBatch.refresh_metadata`` calls
+    ``update_state`` with the batch already in its final row order, so the caller's ``_req_ids`` names every row.
+    That is a vLLM internal, read by frame inspection (vllm 0.32); if an upgrade moves it, traces fall back to one
+    list per trace id and ``tests/test_serving_llm.py::test_trace_with_n_gives_one_list_per_choice`` fails.
+    """
+    frame = sys._getframe(1)
+    for _ in range(4):  # update_state's caller, tolerating a wrapper or two
+        frame = frame.f_back
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        req_ids = getattr(owner, "_req_ids", None)
+        if isinstance(req_ids, list) and hasattr(owner, "batch_update_builder"):
+            return req_ids
+    return None
+
+
+def _name_traced_rows(rows: RowState, batch_size: int) -> None:
+    """Give newly added traced rows their engine request id (rows moved since keep theirs). Runs only in a step
+    that admits a traced request; without the runner's ids the samples of an ``n > 1`` request share one list."""
+    req_ids = _v1_batch_req_ids()
+    if req_ids is None:
+        logger.warning("TARo: cannot read the V1 runner's request ids; with n > 1 a taro_trace holds the samples' "
+                       "a_t in one list")
+        return
+    for i in range(min(batch_size, len(req_ids))):
+        key = rows.trace[i]
+        if key is not None and key[1] is None:
+            rows.trace[i] = (key[0], req_ids[i])
 
 
 def options_or_default(extra_args: Any, default_mode: str, default_alpha: float | None,
