@@ -219,6 +219,29 @@ class FiniteWeights:
                                  f"produce NaN logits. Fix or rebuild the file; {fix}")
 
 
+PRESCAN_MAX_BYTES = 8 * 2**30  # above this, scanning before start costs more than it saves: the load-time check runs
+
+
+def scan_nonfinite(folder: Path, what: str = "model", max_bytes: int = PRESCAN_MAX_BYTES) -> bool:
+    """Refuse a model folder whose safetensors weights hold NaN/inf, before an engine starts (seconds for small
+    models: one memory-mapped pass). Returns False, without reading, when the weights exceed ``max_bytes``."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(set(check_weights(Path(folder), what).values()))
+    if sum(f.stat().st_size for f in files) > max_bytes:
+        return False
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ModelFileError(f"{what} weight {name} in {path} contains NaN or inf: the model would "
+                                         "produce NaN logits. Fix or rebuild the file; --taro-no-weight-check "
+                                         "serves it anyway")
+    return True
+
+
 def tensor_sources(folder: Path, what: str, prefix: str = "") -> dict[str, tuple[str, Path, str]]:
     """``prefix + tensor name`` -> (what, file, tensor name) for a model folder's safetensors weights."""
     try:

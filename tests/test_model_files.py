@@ -130,3 +130,21 @@ def test_the_weight_check_is_on_unless_the_flag_or_the_env_var_turns_it_off(monk
     assert weight_check_enabled(SimpleNamespace()) and not weight_check_enabled(SimpleNamespace(**hf))
     monkeypatch.setenv("TARO_VLLM_NO_WEIGHT_CHECK", "1")
     assert not weight_check_enabled(SimpleNamespace())
+
+
+def test_prescan_refuses_nan_weights_and_skips_models_above_its_budget(tmp_path, tiny_paths):
+    import shutil
+
+    from safetensors.torch import load, save_file
+
+    from taro_vllm.model_files import ModelFileError, scan_nonfinite
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_paths["tiny-llama-base"], folder)
+    assert scan_nonfinite(folder, "base model") is True  # clean weights pass
+    state = load((folder / "model.safetensors").read_bytes())
+    state["model.layers.0.mlp.up_proj.weight"][1, 2] = float("inf")
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ModelFileError, match=r"base model weight model.layers.0.mlp.up_proj.weight in .* NaN or inf"):
+        scan_nonfinite(folder, "base model")
+    assert scan_nonfinite(folder, "base model", max_bytes=1) is False  # too big to pre-scan: left to the loader

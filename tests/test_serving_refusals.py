@@ -203,17 +203,34 @@ def nan_copy(src, dest, tensor="model.layers.1.mlp.down_proj.weight"):
     return dest
 
 
-@pytest.mark.engine
 @pytest.mark.parametrize("role", ["base", "reward"])
-def test_nan_weight_is_refused_while_loading_naming_tensor_and_file(pair, tmp_path, role):
+def test_nan_weight_is_refused_before_vllm_starts_naming_tensor_and_file(pair, tmp_path, role):
     model = nan_copy(pair[0] if role == "base" else pair[1], tmp_path / role)
     base, reward = (model, pair[1]) if role == "base" else (pair[0], model)
     router = make_router(tmp_path / "router", pair[0], pair[1])
     r = serve(base, "--taro-router", router, "--taro-reward-model", reward, "--dtype", "float32",
               "--max-model-len", "256", "--enforce-eager", timeout=600)
-    assert r.returncode != 0
+    assert r.returncode == 2, r.stderr[-3000:]
     assert (f"{role} model weight model.layers.1.mlp.down_proj.weight in {model / 'model.safetensors'} contains NaN "
             "or inf") in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.engine
+def test_nan_weight_is_refused_while_the_engine_loads(pair, tmp_path):
+    """Paths that skip `taro-vllm serve` (offline LLM, big models) still refuse: the load-time check."""
+    base = nan_copy(pair[0], tmp_path / "base")
+    router = make_router(tmp_path / "router", pair[0], pair[1])
+    script = (
+        "from taro_vllm.serving.llm import taro_llm\n"
+        "if __name__ == '__main__':\n"
+        f"    taro_llm({str(base)!r}, router={str(router)!r}, enforce_eager=True, max_model_len=256, dtype='float32')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, **ENGINE_ENV})
+    assert r.returncode != 0
+    assert f"weight model.layers.1.mlp.down_proj.weight in {base / 'model.safetensors'} contains NaN" in r.stderr, \
+        r.stderr[-3000:]
 
 
 @pytest.mark.engine

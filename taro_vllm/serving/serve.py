@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from taro_vllm.pairing import TaroSetupError, validate_setup
-from taro_vllm.serving.args import add_taro_args, merge_hf_overrides, taro_overrides
+from taro_vllm.serving.args import add_taro_args, merge_hf_overrides, taro_overrides, weight_check_enabled
 
 ENDPOINT_PLUGIN = "taro_alphas"
 
@@ -112,6 +112,18 @@ def _refuse_unsupported_engine_flags(rest: list[str], setup) -> None:
         raise TaroSetupError("; ".join(reasons))
 
 
+def _refuse_nonfinite_weights(setup) -> None:
+    # NaN/inf weights of small models are refused here, in seconds and with exit 2; bigger ones by the load-time
+    # check inside the engine (one pass over the weights either way).
+    from taro_vllm.model_files import ModelFileError, scan_nonfinite
+
+    try:
+        scan_nonfinite(Path(setup.base_path), "base model")
+        scan_nonfinite(Path(setup.reward_path), "reward model")
+    except ModelFileError as e:
+        raise TaroSetupError(str(e)) from None
+
+
 def build_vllm_argv(argv: list[str]) -> list[str]:
     """The ``vllm serve`` argv for a ``taro-vllm serve`` argv (validates the TARo setup first)."""
     from taro_vllm.serving.plugin import FEEDER, WORKER_EXTENSION
@@ -125,6 +137,8 @@ def build_vllm_argv(argv: list[str]) -> list[str]:
         raise TaroSetupError("taro-vllm serve needs the base model: taro-vllm serve BASE --taro-router CKPT")
     setup = validate_setup(base, taro["taro_router"], taro.get("taro_reward_model"))
     _refuse_unsupported_engine_flags(rest, setup)
+    if not taro.get("taro_no_weight_check") and weight_check_enabled(None):
+        _refuse_nonfinite_weights(setup)
     taro["taro_router"] = str(Path(setup.router_path).resolve())
     taro["taro_reward_model"] = str(Path(setup.reward_path).resolve())
     overrides = merge_hf_overrides(taro_args.hf_overrides, taro)
