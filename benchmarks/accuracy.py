@@ -168,10 +168,10 @@ def run_engine(spec: dict) -> dict:
         return json.loads(op.read_text())
 
 
-def core_methods(alphas: list[float], taro_label: str) -> list[dict]:
+def core_methods(alphas: list[float], taro_label: str, reward_alone: bool = True) -> list[dict]:
     """The methods of the main router's engine: base, reward, the fixed a sweep, TARo (the only one traced)."""
-    return ([{"label": "base", "extra_args": {"taro_mode": "base"}},
-             {"label": "reward", "extra_args": {"taro_mode": "reward"}}]
+    return ([{"label": "base", "extra_args": {"taro_mode": "base"}}]
+            + ([{"label": "reward", "extra_args": {"taro_mode": "reward"}}] if reward_alone else [])
             + [{"label": fixed_label(a), "extra_args": {"taro_alpha": a}} for a in alphas]
             + [taro_method(taro_label)])
 
@@ -209,6 +209,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentPa
                    help="another router to compare, reported as 'TARo LABEL', on its own engine (repeatable)")
     p.add_argument("--base", type=Path, help="base model (default: SmolLM2-135M-Instruct asset)")
     p.add_argument("--reward", type=Path, help="override the reward model the router names")
+    p.add_argument("--no-reward-alone", dest="reward_alone", action="store_false",
+                   help="tawp: skip the reward-model-alone method (a = 1; saves one method's generations)")
     p.add_argument("--alphas", type=float, nargs="+", help="fixed a sweep (gsm: 0.25 0.5 0.75; "
                                                            "tawp: 0.1 0.25 0.5 0.75)")
     p.add_argument("--n-val", type=int, help="tawp: use the first N validation problems (default: all)")

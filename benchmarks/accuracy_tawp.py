@@ -291,7 +291,8 @@ def run(args: argparse.Namespace, extra: list[tuple[str, str]]) -> str:
     raw: dict = {}
     seconds: dict = {}
     for k, (label, ckpt) in enumerate(routers.items()):
-        methods = core_methods(args.alphas, label) if k == 0 else [taro_method(label)]
+        methods = core_methods(args.alphas, label, getattr(args, "reward_alone", True)) if k == 0 \
+            else [taro_method(label)]
         out = run_engine({**common, "router": ckpt, "methods": methods})
         raw.update(out["results"])
         seconds[f"engine {label}"] = out["seconds"]

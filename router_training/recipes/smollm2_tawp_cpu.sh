@@ -86,11 +86,12 @@ stage router_pref "$RUN/router_pref/model.safetensors" \
     --steps "$ROUTER_STEPS" $ROUTER_FLAGS
 
 # The evaluation costs ~0.75 s per generation per method here (both models run for every method), so the default
-# is sized for one CPU session: N_TEST=200 test problems (the target is 400), two fixed a, and the NLL router
-# only. On a GPU: N_TEST=400 ALPHAS="0.1 0.15 0.3 0.5 0.75" EXTRA="--extra-router pref=$RUN/router_pref".
+# is sized for one CPU session: N_TEST=200 test problems (the target is 400), two fixed a, no reward-alone
+# method, and the NLL router only. On a GPU:
+#   N_TEST=400 ALPHAS="0.1 0.15 0.3 0.5 0.75" EXTRA="--extra-router pref=$RUN/router_pref" (reward alone included).
 N_TEST=${N_TEST:-200}
 ALPHAS=${ALPHAS:-0.15 0.3}
-EXTRA=${EXTRA:-}
+EXTRA=${EXTRA:---no-reward-alone}
 stage accuracy "$RUN/eval/accuracy.json" \
   python -m benchmarks.accuracy --task tawp --data "$RUN/data" --router "$RUN/router_nll" $EXTRA \
     --alphas $ALPHAS --n-test "$N_TEST" --n-ood 100 --max-gsm 0 $EAGER --out "$RUN/eval"
