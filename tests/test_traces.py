@@ -40,3 +40,17 @@ def test_samples_of_one_request_get_one_list_each_in_choice_order():
                                               {"index": 1, "alphas": [0.125, 0.5]}]}
     rec.record(torch.tensor([0.125, 0.25]), [("u", f"0_{parent}"), ("u", f"1_{parent}")])
     assert rec.pop("u") == [[0.125], [0.25]]
+
+
+def test_recording_outside_inference_mode_after_an_engine_step_inside_it():
+    """An engine records under torch.inference_mode; a later caller (another engine, a test) may not be in it."""
+    import torch
+
+    from taro_vllm.serving.alphas import AlphaRecorder
+
+    rec = AlphaRecorder()
+    with torch.inference_mode():
+        rec.record(torch.tensor([0.2, 0.4]), None)
+    rec.record(torch.tensor([0.6]), None)
+    stats = rec.stats()
+    assert stats["count"] == 3 and abs(stats["sum"] - 1.2) < 1e-6

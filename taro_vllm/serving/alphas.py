@@ -68,7 +68,10 @@ class AlphaRecorder:
         a = alpha.detach().float()
         nb = len(BUCKETS)
         with self.lock:
-            if self._acc is not None and self._acc.device != a.device:
+            # A tensor made under inference_mode cannot be updated in place outside it (e.g. an engine step, then a
+            # caller recording outside inference mode): fold it into the host totals and start a fresh one.
+            if self._acc is not None and (self._acc.device != a.device or (
+                    self._acc.is_inference() and not torch.is_inference_mode_enabled())):
                 self._fold()
             if self._acc is None:
                 self._acc = torch.zeros(nb + 3, dtype=torch.float64, device=a.device)
