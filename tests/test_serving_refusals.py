@@ -216,18 +216,24 @@ def test_nan_weight_is_refused_before_vllm_starts_naming_tensor_and_file(pair, t
     assert "Traceback" not in r.stderr
 
 
+def offline_taro(base, router, **env):
+    """Start TARo through the offline LLM path (no `taro-vllm serve` pre-checks) in a fresh process."""
+    script = (
+        "from taro_vllm.serving.llm import taro_llm\n"
+        "if __name__ == '__main__':\n"
+        f"    taro_llm({str(base)!r}, router={str(router)!r}, enforce_eager=True, max_model_len=256, dtype='float32')\n"
+        "    print('ENGINE UP')\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **ENGINE_ENV, **env})
+
+
 @pytest.mark.engine
 def test_nan_weight_is_refused_while_the_engine_loads(pair, tmp_path):
     """Paths that skip `taro-vllm serve` (offline LLM, big models) still refuse: the load-time check."""
     base = nan_copy(pair[0], tmp_path / "base")
     router = make_router(tmp_path / "router", pair[0], pair[1])
-    script = (
-        "from taro_vllm.serving.llm import taro_llm\n"
-        "if __name__ == '__main__':\n"
-        f"    taro_llm({str(base)!r}, router={str(router)!r}, enforce_eager=True, max_model_len=256, dtype='float32')\n"
-    )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, **ENGINE_ENV})
+    r = offline_taro(base, router)
     assert r.returncode != 0
     assert f"weight model.layers.1.mlp.down_proj.weight in {base / 'model.safetensors'} contains NaN" in r.stderr, \
         r.stderr[-3000:]
@@ -237,12 +243,5 @@ def test_nan_weight_is_refused_while_the_engine_loads(pair, tmp_path):
 def test_the_weight_check_can_be_turned_off(pair, tmp_path):
     base = nan_copy(pair[0], tmp_path / "base")
     router = make_router(tmp_path / "router", pair[0], pair[1])
-    script = (
-        "from taro_vllm.serving.llm import taro_llm\n"
-        "if __name__ == '__main__':\n"
-        f"    taro_llm({str(base)!r}, router={str(router)!r}, enforce_eager=True, max_model_len=256, dtype='float32')\n"
-        "    print('ENGINE UP')\n"
-    )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, **ENGINE_ENV, "TARO_VLLM_NO_WEIGHT_CHECK": "1"})
+    r = offline_taro(base, router, TARO_VLLM_NO_WEIGHT_CHECK="1")
     assert r.returncode == 0 and "ENGINE UP" in r.stdout, r.stderr[-3000:]
