@@ -84,6 +84,22 @@ def routers(run: Path) -> list[str]:
     return out
 
 
+def versus_reward_alone(run: Path) -> list[str]:
+    """The val-selected TARo against the reward model alone (a = 1), which the fixed-a selection does not include."""
+    from benchmarks import stats
+
+    acc = _load(run / "eval" / "accuracy.json")
+    if not acc or "reward" not in acc["correct"]:
+        return []
+    taro, correct = acc["selection"]["taro"], acc["correct"]
+    out = ["| domain | A | B | A - B (points) | A right only | B right only | p |", "|---|---|---|---:|---:|---:|---:|"]
+    for task, title in (("test", "in-domain test"), ("ood", "out-of-domain")):
+        m = stats.mcnemar(correct[taro][task], correct["reward"][task])
+        out.append(f"| {title} | {taro} | reward | {m['diff_points']:+.1f} | {m['a_only']} | {m['b_only']} | "
+                   f"{m['p']:.3g} |")
+    return out
+
+
 def report(run: Path) -> str:
     parts = ["### Stage wall times", "", *timings(run), "", "### Data and gate A", "", *data_and_gate_a(run), "",
              "### Reward model (gate B)", "", *gate_b(run), *gate_b(run, "gate_b_genarm.json", "pure GenARM (ablation)"),
@@ -91,6 +107,9 @@ def report(run: Path) -> str:
     acc = run / "eval" / "accuracy.md"
     if acc.is_file():
         parts += ["### Accuracy through the server", "", acc.read_text()]
+    vs = versus_reward_alone(run)
+    if vs:
+        parts += ["", "### TARo against the reward model alone (paired exact McNemar)", "", *vs]
     return "\n".join(parts)
 
 
