@@ -237,3 +237,20 @@ def test_tawp_accuracy_smoke_through_the_plugin(tmp_path):
     assert md.strip() in r.stdout
     for f in ("accuracy.md", "accuracy.png", "alphas.html"):
         assert (tmp_path / f).stat().st_size > 100
+
+
+def test_the_recipe_report_sets_taro_against_the_reward_model_alone(tmp_path):
+    """The fixed-a selection never includes a = 1, so the report compares the selected TARo with the reward alone."""
+    from router_training import recipe_report
+
+    (tmp_path / "eval").mkdir()
+    correct = {"TARo pref": {"test": [1, 1, 0, 0], "ood": [1, 1]}, "reward": {"test": [1, 1, 1, 1], "ood": [0, 1]}}
+    (tmp_path / "eval" / "accuracy.json").write_text(json.dumps({"selection": {"taro": "TARo pref"},
+                                                                  "correct": correct}))
+    rows = recipe_report.versus_reward_alone(tmp_path)
+    assert rows[2] == "| in-domain test | TARo pref | reward | -50.0 | 0 | 2 | 0.5 |"
+    assert rows[3] == "| out-of-domain | TARo pref | reward | +50.0 | 1 | 0 | 1 |"
+    del correct["reward"]  # a run without the reward-alone method: no table
+    (tmp_path / "eval" / "accuracy.json").write_text(json.dumps({"selection": {"taro": "TARo pref"},
+                                                                  "correct": correct}))
+    assert recipe_report.versus_reward_alone(tmp_path) == []
