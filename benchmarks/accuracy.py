@@ -30,7 +30,6 @@ import argparse
 import collections
 import html
 import json
-import os
 import re
 import subprocess
 import sys
@@ -106,8 +105,9 @@ def progress(msg: str) -> None:
 
 
 def engine_worker(spec_path: str, out_path: str) -> None:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from taro_vllm import envs
+
+    envs.engine_defaults(kv_cache_gib=2, in_process=True)
     from transformers import AutoTokenizer
 
     from taro_vllm.serving.llm import taro_llm

@@ -9,13 +9,13 @@ per-request stats, and the process's peak RSS. EOS is ignored so every request m
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from taro_vllm import envs
+
+envs.engine_defaults(kv_cache_gib=2, in_process=True)
 
 
 def percentile(xs: list[float], q: float) -> float:
