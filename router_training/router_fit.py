@@ -12,12 +12,13 @@ line". The router split's pairs and traces are disjoint from the reward model's 
 Every evaluation (held-out problems of the router split) reports the router's NLL next to each fixed a (GenARM) and
 the per-token oracle a (the best a of the grid for each row), i.e. Gate C: is there anything to route? And the mean
 a_t per token class. Selection between routers is done on validation *accuracy* by ``benchmarks.accuracy``.
+
+The steps run through :func:`router_training.loop.run`, the reward model's and the router trainer's loop.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,11 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from router_training import feature_cache as fc
-from router_training import runtime
+from router_training import loop, runtime
+from router_training.configs import arg
+from router_training.loop import LoopConfig
+from router_training.losses import pair_loss
 from taro_vllm.checkpoint import save_router
 from taro_vllm.router import Router, RouterConfig, build_router
 
@@ -38,24 +40,31 @@ GRID = tuple(i / 20 for i in range(21))
 
 @dataclass
 class FitConfig:
-    cache: str
-    out: str
-    objective: Literal["nll", "nll+pref"] = "nll"
-    embed_dim: int = 16
-    hidden_dim: int = 64
-    init_bias: float | None = None  # None: RouterConfig's default (a ≈ 0.1 at the start)
-    other_weight: float = 0.1
-    pref_weight: float = 0.5
-    pref_beta: float = 0.1
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    steps: int = 1000
-    batch_rows: int = 512
-    pair_batch: int = 16
-    val_fraction: float = 0.15
-    eval_every: int = 250
-    seed: int = 0
-    progress: bool = True
+    cache: str = arg(help="feature cache folder (python -m router_training features)")
+    out: str = arg(help="output folder (the router checkpoint; logs and report.json go to OUT/train/)")
+    objective: Literal["nll", "nll+pref"] = arg("nll", "nll, or nll + the preference on the mix over the pairs")
+    embed_dim: int = arg(16, "router token-embedding size")
+    hidden_dim: int = arg(64, "router hidden size")
+    init_bias: float | None = arg(None, "initial output logit (default: RouterConfig's, a = 0.1)")
+    other_weight: float = arg(0.1, "weight of non-informative rows")
+    pref_weight: float = arg(0.5, "weight of the preference term (objective nll+pref)")
+    pref_beta: float = arg(0.1, "beta of the preference term")
+    lr: float = arg(1e-3, "learning rate (AdamW, constant)")
+    weight_decay: float = arg(1e-4, "AdamW weight decay")
+    steps: int = arg(1000, "optimizer steps")
+    batch_rows: int = arg(512, "cached rows per step")
+    pair_batch: int = arg(16, "pairs per step for the preference term")
+    val_fraction: float = arg(0.15, "problems held out for validation")
+    eval_every: int = arg(250, "evaluate every N steps (and at the first and the last)")
+    seed: int = arg(0, "seed of the initialisation and of the row sampling")
+    progress: bool = arg(True, "progress bar")
+
+    def loop_config(self) -> LoopConfig:
+        """The shared loop's settings: constant lr, and no checkpoints or resume (a fit takes seconds, and its row
+        sampler is a running generator, not a function of the step)."""
+        return LoopConfig(lr=self.lr, warmup=0, weight_decay=self.weight_decay, batch_size=self.batch_rows,
+                          max_steps=self.steps, eval_every=self.eval_every, checkpoint_every=0, seed=self.seed,
+                          progress=self.progress)
 
 
 @dataclass
@@ -79,13 +88,12 @@ def weights(rows: dict[str, torch.Tensor], js: float, other: float) -> torch.Ten
     return torch.where(fc.informative(rows, js), 1.0, other)
 
 
-def pair_loss(router: Router, rows: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mix_preference(router: Router, rows: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Preference on the mix over the pairs present in ``rows``: (loss, accuracy)."""
     lp = -fc.cached_nll(rows, router_alpha(router, rows))
     pairs, inv = torch.unique(rows["pair"], return_inverse=True)
     summed = torch.zeros(len(pairs), 2).index_put_((inv, rows["side"]), lp, accumulate=True)
-    margin = summed[:, 0] - summed[:, 1]
-    return -F.logsigmoid(beta * margin).mean(), (margin > 0).float().mean()
+    return pair_loss(summed[:, 0], summed[:, 1], beta), (summed[:, 0] > summed[:, 1]).float().mean()
 
 
 @torch.no_grad()
@@ -114,7 +122,7 @@ def evaluate(router: Router, rows: dict[str, torch.Tensor], pref_rows: dict[str,
     out["a_by_class"] = {c: {"mean_a": float(a[rows["cls"] == i].mean()), "rows": int((rows["cls"] == i).sum())}
                          for i, c in enumerate(fc.CLASSES) if (rows["cls"] == i).any()}
     if pref_rows is not None and pref_rows["pair"].numel():
-        loss, acc = pair_loss(router, pref_rows, cfg.pref_beta)
+        loss, acc = mix_preference(router, pref_rows, cfg.pref_beta)
         out["pref_loss"], out["pref_accuracy"] = float(loss), float(acc)
         base_only = -fc.cached_nll(pref_rows, 0.0)
         pairs, inv = torch.unique(pref_rows["pair"], return_inverse=True)
@@ -147,41 +155,37 @@ def fit(cfg: FitConfig) -> FitResult:
         rcfg_kw["init_bias"] = cfg.init_bias
     router = build_router(RouterConfig(**rcfg_kw))
     router.train()
-    opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(cfg.out)
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    log = runtime.MetricsLog(out / "train" / "metrics.jsonl", None)
     gen = torch.Generator().manual_seed(cfg.seed)
     use_pref = cfg.objective == "nll+pref" and train_pairs
-    first = evaluate(router, val_nll, val_pref, cfg, js)
-    log.write({"step": 0, "split": "eval", **_flat(first)})
-    bar = tqdm(range(cfg.steps), desc=f"router fit [{cfg.objective}]", disable=not cfg.progress, dynamic_ncols=True)
-    last = first
-    for step in bar:
+    evals: list[dict[str, Any]] = []
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         idx = torch.randint(0, train_nll["targets"].numel(), (cfg.batch_rows,), generator=gen)
         b = {k: v[idx] for k, v in train_nll.items()}
         a = router_alpha(router, b)
         w = w_train[idx]
         nll = (w * fc.cached_nll(b, a)).sum() / w.sum()
         loss = nll
-        row = {"step": step + 1, "split": "train", "weighted_nll": float(nll.detach()), "mean_a": float(a.detach().mean())}
+        row = {"weighted_nll": float(nll.detach()), "mean_a": float(a.detach().mean())}
         if use_pref:
             pick = torch.tensor(random.Random(cfg.seed * 7919 + step).sample(train_pairs,
                                                                               min(cfg.pair_batch, len(train_pairs))))
-            pl, pacc = pair_loss(router, fc.select(train_pref, torch.isin(train_pref["pair"], pick)), cfg.pref_beta)
+            pl, pacc = mix_preference(router, fc.select(train_pref, torch.isin(train_pref["pair"], pick)),
+                                      cfg.pref_beta)
             loss = loss + cfg.pref_weight * pl
             row.update(pref_loss=float(pl.detach()), pref_accuracy=float(pacc))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(router.parameters(), 1.0)
-        opt.step()
-        if not math.isfinite(float(loss)):
-            raise ValueError(f"router loss became {float(loss)} at step {step + 1}; lower --lr")
-        log.write(row)
-        bar.set_postfix(nll=f"{row['weighted_nll']:.3f}", a=f"{row['mean_a']:.2f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            last = evaluate(router, val_nll, val_pref, cfg, js)
-            log.write({"step": step + 1, "split": "eval", **_flat(last)})
+        return loss, row
+
+    def eval_fn(step: int) -> dict[str, Any]:
+        evals.append(evaluate(router, val_nll, val_pref, cfg, js))
+        return evals[-1]
+
+    # No resumable state to protect: the artefact is saved after the loop.
+    res = loop.run(router, step_fn, eval_fn, cfg.loop_config(), out / "train", asdict(cfg), name="router",
+                   desc=f"router fit [{cfg.objective}]",
+                   postfix=lambda r: {"nll": f"{r['weighted_nll']:.3f}", "a": f"{r['mean_a']:.2f}"})
+    first, last = evals[0], res.eval
     router.eval()
     report = {"objective": cfg.objective, "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
               "train_rows": int(train_nll["targets"].numel()), "train_pairs": len(train_pairs),
@@ -192,10 +196,6 @@ def fit(cfg: FitConfig) -> FitResult:
     save_router(out, router, tokenizer_fingerprint=meta.get("tokenizer_fingerprint"),
                 base_model=meta.get("base_model"), reward_model=meta.get("reward_model"), training=report)
     (out / "train" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    runtime.plot_curves(log.rows, out / "train" / "curves.png", f"TARo router ({cfg.objective}, cached)",
+    runtime.plot_curves(res.rows, out / "train" / "curves.png", f"TARo router ({cfg.objective}, cached)",
                         [("train", ["weighted_nll"]), ("eval", ["nll_informative"]), ("eval", ["mean_a"])])
     return FitResult(router, out, report)
-
-
-def _flat(ev: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in ev.items() if not isinstance(v, dict)}

@@ -9,7 +9,8 @@ import collections
 
 import pytest
 
-from engine_utils import ENGINE_ENV, make_router, prompts  # noqa: F401  (sets engine env)
+# engine_utils also sets the engine environment: in-process engines, so the model's reads are counted here too
+from engine_utils import make_router
 
 pytestmark = pytest.mark.engine
 
@@ -27,13 +28,12 @@ def generate(llm, prompt_ids, extra_args=None):
 
 
 @pytest.fixture(scope="module")
-def setup_reads(tiny_paths, tmp_path_factory):
+def setup_reads(pair, router_ckpt):
     """Build both engines while counting every read of the setup's files; yields (reads, router engine, base engine)."""
     from taro_vllm import checkpoint, pairing
     from taro_vllm.serving.llm import taro_llm
 
-    base, reward = tiny_paths["tiny-llama-base"], tiny_paths["tiny-llama-reward"]
-    router = make_router(tmp_path_factory.mktemp("router") / "ckpt", base, reward)
+    (base, reward), router = pair, router_ckpt
     reads: collections.Counter = collections.Counter()
 
     def counted(label, fn):
@@ -73,10 +73,10 @@ def test_one_engine_start_reads_each_file_of_the_setup_once(setup_reads):
     assert reads["both"] == reads["first"]  # a second engine on unchanged files reads nothing again
 
 
-def test_the_setup_is_resolved_again_when_a_file_changes_and_a_refusal_is_never_cached(tiny_paths, tmp_path):
+def test_the_setup_is_resolved_again_when_a_file_changes_and_a_refusal_is_never_cached(pair, tmp_path):
     from taro_vllm import pairing
 
-    base, reward = tiny_paths["tiny-llama-base"], tiny_paths["tiny-llama-reward"]
+    base, reward = pair
     router = make_router(tmp_path / "ckpt", base, reward, seed=1)
     first = pairing.validate_setup(base, router)
     assert pairing.validate_setup(base, router) is first
@@ -90,9 +90,9 @@ def test_the_setup_is_resolved_again_when_a_file_changes_and_a_refusal_is_never_
             pairing.validate_setup(base, router)
 
 
-def test_two_engines_on_one_base_keep_their_own_default_mode(setup_reads, tokenizer):
+def test_two_engines_on_one_base_keep_their_own_default_mode(setup_reads, prompt_ids):
     _, by_router, by_base = setup_reads
-    p = prompts(tokenizer)[:2]
+    p = prompt_ids[:2]
     router_default, base_default = ids(generate(by_router, p)), ids(generate(by_base, p))
     assert ids(generate(by_router, p, {"taro_mode": "base"})) == base_default  # same weights, same batch, fp32
     assert ids(generate(by_base, p, {"taro_mode": "router"})) == router_default
