@@ -20,8 +20,13 @@ from pathlib import Path
 from router_training import configs
 from router_training.errors import TrainingSetupError
 from router_training.reward_trainer import RewardTrainConfig
-from router_training.router_fit import FitConfig
+from router_training.router_fit import CACHE_FIELDS, NO_STATE_FIELDS, FitConfig
 from router_training.router_trainer import RouterTrainConfig
+
+# help for the RouterConfig fields (taro_vllm's class has none, or the serving side's, for some)
+ROUTER_HELPS = {"kind": "topk: top-K log-probs + token embeddings; full: both whole log-prob rows",
+                "hidden_dim": "MLP hidden size",
+                "init_bias": "initial output logit: a_t starts at sigmoid(init_bias) (0: a = 0.5)"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
     # The trainers' flags are their config fields (configs.add_flags); --max-eval is the older, shared spelling.
     g = sub.add_parser("fit-router", help="train the top-K router on a feature cache (seconds)")
-    configs.add_flags(g, FitConfig)
+    configs.add_flags(g, FitConfig, aliases={"max_steps": ["--steps"], "batch_size": ["--batch-rows"]},
+                      skip=CACHE_FIELDS | NO_STATE_FIELDS,  # the cache's router shape; a fit has no state
+                      helps={**ROUTER_HELPS, "batch_size": "cached rows per step"})
 
     r = sub.add_parser("reward", help="train the autoregressive reward model")
     configs.add_flags(r, RewardTrainConfig, aliases={"max_eval_pairs": ["--max-eval"]})
@@ -72,9 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("router", help="train the TARo router")
     configs.add_flags(t, RouterTrainConfig, aliases={"max_eval_examples": ["--max-eval"]},
                       skip={"vocab_size"},  # the base model's, filled in by train_router
-                      helps={"kind": "topk: top-K log-probs + token embeddings; full: both whole log-prob rows",
-                             "hidden_dim": "MLP hidden size",
-                             "init_bias": "initial output logit: a_t starts at sigmoid(init_bias) (0: a = 0.5)"})
+                      helps=ROUTER_HELPS)
     return p
 
 

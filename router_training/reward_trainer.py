@@ -25,7 +25,7 @@ import torch
 from router_training import configs, loop, runtime
 from router_training.configs import arg
 from router_training.data import StepPair, load_step_pairs, split_by_group
-from router_training.encoding import Batch, Encoder, batch_indices, collate, scored_logprobs
+from router_training.encoding import Batch, Encoder, ExampleConfig, batch_indices, collate, scored_logprobs
 from router_training.errors import DataError, TrainingSetupError
 from router_training.loop import LoopConfig
 from router_training.losses import pair_loss
@@ -51,10 +51,8 @@ class RewardTrainConfig:
     lora_alpha: int = arg(32, "LoRA alpha")
     # adapters on the top N layers only: backward stops there (CPU budget)
     lora_last_layers: int | None = arg(None, "LoRA on the top N layers only (a cheaper backward)")
-    max_len: int = arg(256, "tokens per sequence (prompt + steps)")
-    heldout_fraction: float = arg(0.1, "problems held out for evaluation")
+    examples: ExampleConfig = field(default_factory=ExampleConfig)
     max_eval_pairs: int = arg(256, "held-out pairs per evaluation")
-    chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template")
     max_train_pairs: int | None = arg(None, "train on the first N pairs only")
     loop: LoopConfig = field(default_factory=reward_loop)  # batch_size: pairs per step (2x sequences in one forward)
 
@@ -107,9 +105,10 @@ def _load_pairs(cfg: RewardTrainConfig) -> tuple[list[StepPair], list[StepPair]]
     if not cfg.data:
         raise DataError("no data file given; pass --data FILE (Math-Step-DPO JSONL or Parquet)")
     pairs = [p for path in cfg.data for p in load_step_pairs(path)]
-    train, held = split_by_group(pairs, cfg.heldout_fraction, cfg.loop.seed)
+    train, held = split_by_group(pairs, cfg.examples.heldout_fraction, cfg.loop.seed)
     if not train:
-        raise DataError(f"no training pairs left after holding out {cfg.heldout_fraction:.0%} of the problems")
+        raise DataError(f"no training pairs left after holding out {cfg.examples.heldout_fraction:.0%} of the "
+                        "problems")
     if cfg.max_train_pairs:
         train = train[: cfg.max_train_pairs]
     return train, held[: cfg.max_eval_pairs]
@@ -140,7 +139,7 @@ def train_reward(cfg: RewardTrainConfig) -> RewardResult:
     device, dtype = runtime.pick_device(cfg.loop.device)
     runtime.seed_everything(cfg.loop.seed)
     tok = runtime.load_tokenizer(model_path)
-    enc = Encoder(tok, cfg.max_len, cfg.chat_template)
+    enc = cfg.examples.encoder(tok)
     model = runtime.load_causal_lm(model_path, device, dtype)
     model.config.use_cache = False
     if cfg.lora:

@@ -13,7 +13,9 @@ Every evaluation (held-out problems of the router split) reports the router's NL
 the per-token oracle a (the best a of the grid for each row), i.e. Gate C: is there anything to route? And the mean
 a_t per token class. Selection between routers is done on validation *accuracy* by ``benchmarks.accuracy``.
 
-The steps run through :func:`router_training.loop.run`, the reward model's and the router trainer's loop.
+The steps run through :func:`router_training.loop.run`, the reward model's and the router trainer's loop. Like the
+router trainer's, the config nests the router's ``RouterConfig`` (``router``: its kind, K and vocabulary are the
+cache's) and the shared ``LoopConfig`` (``loop``); report.json records them nested the same way.
 """
 
 from __future__ import annotations
@@ -21,21 +23,42 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from router_training import feature_cache as fc
-from router_training import loop, runtime
+from router_training import configs, loop, runtime
 from router_training.configs import arg
+from router_training.errors import TrainingSetupError
 from router_training.loop import LoopConfig
 from router_training.losses import pair_loss
+from router_training.router_trainer import VOCAB_FROM_MODELS, sized
 from taro_vllm.checkpoint import save_router
 from taro_vllm.router import Router, RouterConfig, build_router
 
 GRID = tuple(i / 20 for i in range(21))
+
+
+def fit_router_spec(**kw: Any) -> RouterConfig:
+    """A RouterConfig with this fit's defaults (embed 16, hidden 64, RouterConfig's init_bias: a = 0.1); the kind,
+    K and vocabulary are the cache's, filled in by :func:`fit` (:func:`cached_router`)."""
+    return RouterConfig(**{"vocab_size": VOCAB_FROM_MODELS, "embed_dim": 16, "hidden_dim": 64, **kw})
+
+
+def fit_loop(**kw: Any) -> LoopConfig:
+    """The fit's loop: constant lr, ``batch_size`` cached rows per step, and no checkpoints or resume (a fit takes
+    seconds, and its row sampler is a running generator, not a function of the step)."""
+    return LoopConfig(**{"lr": 1e-3, "warmup": 0, "weight_decay": 1e-4, "batch_size": 512, "max_steps": 1000,
+                         "eval_every": 250, "checkpoint_every": 0, **kw})
+
+
+# Fields of the nested configs that are not the fit's to choose: the router's shape is the cache's, and there is no
+# resumable state (nor a device: the cached rows are trained on the CPU). The CLI offers no flag for them.
+CACHE_FIELDS = frozenset({"kind", "source", "k", "vocab_size"})
+NO_STATE_FIELDS = frozenset({"device", "resume", "keep_state", "checkpoint_every", "stop_after"})
 
 
 @dataclass
@@ -43,28 +66,21 @@ class FitConfig:
     cache: str = arg(help="feature cache folder (python -m router_training features)")
     out: str = arg(help="output folder (the router checkpoint; logs and report.json go to OUT/train/)")
     objective: Literal["nll", "nll+pref"] = arg("nll", "nll, or nll + the preference on the mix over the pairs")
-    embed_dim: int = arg(16, "router token-embedding size")
-    hidden_dim: int = arg(64, "router hidden size")
-    init_bias: float | None = arg(None, "initial output logit (default: RouterConfig's, a = 0.1)")
     other_weight: float = arg(0.1, "weight of non-informative rows")
     pref_weight: float = arg(0.5, "weight of the preference term (objective nll+pref)")
     pref_beta: float = arg(0.1, "beta of the preference term")
-    lr: float = arg(1e-3, "learning rate (AdamW, constant)")
-    weight_decay: float = arg(1e-4, "AdamW weight decay")
-    steps: int = arg(1000, "optimizer steps")
-    batch_rows: int = arg(512, "cached rows per step")
     pair_batch: int = arg(16, "pairs per step for the preference term")
     val_fraction: float = arg(0.15, "problems held out for validation")
-    eval_every: int = arg(250, "evaluate every N steps (and at the first and the last)")
-    seed: int = arg(0, "seed of the initialisation and of the row sampling")
-    progress: bool = arg(True, "progress bar")
+    router: RouterConfig = field(default_factory=fit_router_spec)
+    loop: LoopConfig = field(default_factory=fit_loop)  # batch_size: cached rows per step
 
-    def loop_config(self) -> LoopConfig:
-        """The shared loop's settings: constant lr, and no checkpoints or resume (a fit takes seconds, and its row
-        sampler is a running generator, not a function of the step)."""
-        return LoopConfig(lr=self.lr, warmup=0, weight_decay=self.weight_decay, batch_size=self.batch_rows,
-                          max_steps=self.steps, eval_every=self.eval_every, checkpoint_every=0, seed=self.seed,
-                          progress=self.progress)
+
+def cached_router(spec: RouterConfig, vocab_size: int, k: int) -> RouterConfig:
+    """``spec`` at the cache's shape: a top-K router over both models' top-``k`` at the cache's vocabulary."""
+    if spec.kind != "topk" or spec.source != "both":
+        raise TrainingSetupError(f"the feature cache trains a topk router on both models' top-K, not kind "
+                                 f"{spec.kind!r} with source {spec.source!r}")
+    return sized(spec, vocab_size).model_copy(update={"k": k})
 
 
 @dataclass
@@ -134,12 +150,16 @@ def evaluate(router: Router, rows: dict[str, torch.Tensor], pref_rows: dict[str,
 
 def fit(cfg: FitConfig) -> FitResult:
     t0 = time.time()
-    runtime.seed_everything(cfg.seed)
+    lc = cfg.loop
+    if lc.resume or lc.checkpoint_every or lc.stop_after is not None:
+        raise TrainingSetupError("a fit on the feature cache has no resumable state: resume, checkpoint_every and "
+                                 "stop_after are not supported (it takes seconds; rerun it)")
+    runtime.seed_everything(lc.seed)
     rows, meta = fc.load(Path(cfg.cache))
     ccfg = meta["config"]
     js = ccfg["js_threshold"]
     groups = meta["groups"]
-    held = split_groups(groups, cfg.val_fraction, cfg.seed)
+    held = split_groups(groups, cfg.val_fraction, lc.seed)
     is_val = torch.tensor([groups[int(s)] in held for s in rows["seq"]])
     is_pair = rows["pair"] >= 0
     train_nll, val_nll = fc.select(rows, ~is_pair & ~is_val), fc.select(rows, ~is_pair & is_val)
@@ -148,20 +168,16 @@ def fit(cfg: FitConfig) -> FitResult:
         raise ValueError(f"feature cache {cfg.cache} has no training rows")
     w_train = weights(train_nll, js, cfg.other_weight)
     train_pairs = torch.unique(train_pref["pair"]).tolist()
-    vocab = int(meta["vocab_size"])
-    rcfg_kw: dict[str, Any] = dict(kind="topk", vocab_size=vocab, k=ccfg["k"], source="both",
-                                   embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim)
-    if cfg.init_bias is not None:
-        rcfg_kw["init_bias"] = cfg.init_bias
-    router = build_router(RouterConfig(**rcfg_kw))
+    rcfg = cached_router(cfg.router, int(meta["vocab_size"]), ccfg["k"])
+    router = build_router(rcfg)
     router.train()
     out = Path(cfg.out)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(lc.seed)
     use_pref = cfg.objective == "nll+pref" and train_pairs
     evals: list[dict[str, Any]] = []
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        idx = torch.randint(0, train_nll["targets"].numel(), (cfg.batch_rows,), generator=gen)
+        idx = torch.randint(0, train_nll["targets"].numel(), (lc.batch_size,), generator=gen)
         b = {k: v[idx] for k, v in train_nll.items()}
         a = router_alpha(router, b)
         w = w_train[idx]
@@ -169,8 +185,8 @@ def fit(cfg: FitConfig) -> FitResult:
         loss = nll
         row = {"weighted_nll": float(nll.detach()), "mean_a": float(a.detach().mean())}
         if use_pref:
-            pick = torch.tensor(random.Random(cfg.seed * 7919 + step).sample(train_pairs,
-                                                                              min(cfg.pair_batch, len(train_pairs))))
+            pick = torch.tensor(random.Random(lc.seed * 7919 + step).sample(train_pairs,
+                                                                             min(cfg.pair_batch, len(train_pairs))))
             pl, pacc = mix_preference(router, fc.select(train_pref, torch.isin(train_pref["pair"], pick)),
                                       cfg.pref_beta)
             loss = loss + cfg.pref_weight * pl
@@ -182,12 +198,16 @@ def fit(cfg: FitConfig) -> FitResult:
         return evals[-1]
 
     # No resumable state to protect: the artefact is saved after the loop.
-    res = loop.run(router, step_fn, eval_fn, cfg.loop_config(), out / "train", asdict(cfg), name="router",
+    run_cfg = configs.flat(replace(cfg, router=rcfg))
+    res = loop.run(router, step_fn, eval_fn, lc, out / "train", run_cfg, name="router",
                    desc=f"router fit [{cfg.objective}]",
                    postfix=lambda r: {"nll": f"{r['weighted_nll']:.3f}", "a": f"{r['mean_a']:.2f}"})
     first, last = evals[0], res.eval
     router.eval()
-    report = {"objective": cfg.objective, "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+    # config: the fit's own fields, the router's (at the cache's shape) and the loop's, nested as in FitConfig
+    own = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("router", "loop")}
+    loop_cfg = {k: v for k, v in asdict(lc).items() if k not in NO_STATE_FIELDS | {"progress"}}
+    report = {"objective": cfg.objective, "config": {**own, "router": rcfg.model_dump(), "loop": loop_cfg},
               "train_rows": int(train_nll["targets"].numel()), "train_pairs": len(train_pairs),
               "val_groups": len(held), "eval_start": first, "eval": last, "seconds": round(time.time() - t0, 1),
               "gate_c": {"oracle_gain_over_best_fixed": last["oracle_gain_over_best_fixed"],

@@ -31,7 +31,7 @@ import torch
 from router_training import configs, loop, runtime
 from router_training.configs import arg
 from router_training.data import load_solutions, load_step_pairs, split_by_group
-from router_training.encoding import Batch, Encoder, batch_indices, collate
+from router_training.encoding import Batch, ExampleConfig, batch_indices, collate
 from router_training.errors import DataError, TrainingSetupError
 from router_training.loop import LoopConfig
 from router_training.losses import pair_loss
@@ -63,13 +63,11 @@ class RouterTrainConfig:
                           help="solutions file: prompt/solution or Math-Step-DPO (full_chosen); repeatable")
     pairs: list[str] = arg(factory=list, help="Math-Step-DPO pairs for the preference term; repeatable")
     out: str = arg("", "output folder (the router checkpoint; logs and state go to OUT/train/)", required=True)
-    max_len: int = arg(256, "tokens per sequence (prompt + solution)")
+    examples: ExampleConfig = field(default_factory=ExampleConfig)
     pref_weight: float = arg(0.0, "weight of the preference term on the mix (0 = NLL only)")
     pref_beta: float = arg(0.05, "beta of the preference term")
     pref_batch_size: int = arg(2, "pairs per step for the preference term")
-    heldout_fraction: float = arg(0.1, "problems held out for evaluation")
     max_eval_examples: int = arg(64, "held-out solutions per evaluation")
-    chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template")
     router: RouterConfig = field(default_factory=router_spec)
     loop: LoopConfig = field(default_factory=LoopConfig)
 
@@ -221,8 +219,8 @@ def train_router(cfg: RouterTrainConfig, inp: RouterInputs) -> RouterResult:
         train_rows = [r for r in res.rows if r["split"] == "train"]
         tail = train_rows[-max(1, len(train_rows) // 10):]
         summary = {
-            "steps": res.steps, "seed": lc.seed, "lr": lc.lr, "batch_size": lc.batch_size, "max_len": cfg.max_len,
-            "pref_weight": cfg.pref_weight, "train_nll_last10pct": sum(r["nll"] for r in tail) / max(1, len(tail)),
+            "steps": res.steps, "seed": lc.seed, "lr": lc.lr, "batch_size": lc.batch_size,
+            "max_len": cfg.examples.max_len, "pref_weight": cfg.pref_weight, "train_nll_last10pct": sum(r["nll"] for r in tail) / max(1, len(tail)),
             "heldout": {k: res.eval.get(k) for k in ("nll", "mean_a", "tokens")} if res.eval else None,
             "fixed_a_baseline": extra["baseline"], **inp.data_info,
         }
@@ -268,8 +266,8 @@ def prepare_inputs(cfg: RouterTrainConfig) -> RouterInputs:
     device, dtype = runtime.pick_device(cfg.loop.device)
     base = runtime.load_causal_lm(base_path, device, dtype).eval().requires_grad_(False)
     reward = runtime.load_causal_lm(reward_path, device, dtype).eval().requires_grad_(False)
-    enc = Encoder(tok, cfg.max_len, cfg.chat_template)
-    train, held = split_by_group(solutions, cfg.heldout_fraction, cfg.loop.seed)
+    enc = cfg.examples.encoder(tok)
+    train, held = split_by_group(solutions, cfg.examples.heldout_fraction, cfg.loop.seed)
     return RouterInputs(
         base=hf_logit_source(base), reward=hf_logit_source(reward), vocab_size=int(base.config.vocab_size),
         train=[enc.solution(s) for s in train], heldout=[enc.solution(s) for s in held], pad_id=enc.pad_id,

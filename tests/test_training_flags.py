@@ -12,9 +12,10 @@ import pytest
 
 from router_training import configs
 from router_training.__main__ import _parser, main
+from router_training.encoding import ExampleConfig
 from router_training.loop import LoopConfig
 from router_training.reward_trainer import RewardTrainConfig, reward_loop
-from router_training.router_fit import FitConfig
+from router_training.router_fit import FitConfig, fit_loop, fit_router_spec
 from router_training.router_trainer import RouterTrainConfig, router_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,12 +40,17 @@ def test_flat_flags_fill_the_nested_configs():
     cfg = parsed("reward --model M --data a --data b --out O --lora --lora-last-layers 6 --lr 5e-4 --max-eval 16 "
                  "--no-chat-template --no-progress --resume --stop-after 3")
     assert cfg == RewardTrainConfig(model="M", data=["a", "b"], out="O", lora=True, lora_last_layers=6,
-                                    max_eval_pairs=16, chat_template=False,
+                                    max_eval_pairs=16, examples=ExampleConfig(chat_template=False),
                                     loop=reward_loop(lr=5e-4, progress=False, resume=True, stop_after=3))
     cfg = parsed("router --base B --reward R --data d --out O --kind full --embed-dim 4 --max-eval 8 --warmup 2")
     assert cfg.router == router_spec(kind="full", embed_dim=4) and cfg.max_eval_examples == 8
     assert cfg.loop == LoopConfig(warmup=2)
-    assert parsed("fit-router --cache C --out O --steps 20 --embed-dim 4").steps == 20
+    # fit-router's older spellings (--steps, --batch-rows) fill its nested loop; its router keeps its own defaults.
+    cfg = parsed("fit-router --cache C --out O --steps 20 --batch-rows 64 --embed-dim 4 --init-bias 0 --no-progress")
+    assert cfg.loop == fit_loop(max_steps=20, batch_size=64, progress=False)
+    assert cfg.router == fit_router_spec(embed_dim=4, init_bias=0.0) and cfg.router.hidden_dim == 64
+    assert fit_loop() == LoopConfig(lr=1e-3, warmup=0, weight_decay=1e-4, batch_size=512, max_steps=1000,
+                                    eval_every=250, checkpoint_every=0)
 
 
 def test_a_bad_router_setting_is_a_one_line_error(capsys):

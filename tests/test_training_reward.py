@@ -10,6 +10,7 @@ import torch
 
 from router_training.__main__ import main
 from router_training.data import StepPair, save_records
+from router_training.encoding import ExampleConfig
 from router_training.reward_trainer import RewardTrainConfig, reward_loop, train_reward, trained_weights
 
 
@@ -30,10 +31,10 @@ def pairs_file(tmp_path_factory):
     return save_records(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", cue_pairs(80))
 
 
-def small(tiny_paths, pairs_file, out, loop=None, **kw) -> RewardTrainConfig:
+def small(tiny_paths, pairs_file, out, loop=None, heldout_fraction=0.25, **kw) -> RewardTrainConfig:
     """A tiny run: ``kw`` overrides the reward model's settings, ``loop`` the shared loop's (steps, resume...)."""
-    base = dict(model=str(tiny_paths["tiny-llama-reward"]), data=[str(pairs_file)], out=str(out), max_len=32,
-                heldout_fraction=0.25, chat_template=False)
+    base = dict(model=str(tiny_paths["tiny-llama-reward"]), data=[str(pairs_file)], out=str(out),
+                examples=ExampleConfig(max_len=32, heldout_fraction=heldout_fraction, chat_template=False))
     return RewardTrainConfig(**{**base, **kw},
                              loop=reward_loop(**{"lr": 1e-3, "warmup": 2, "batch_size": 8, "progress": False,
                                                  **(loop or {})}))
