@@ -220,7 +220,8 @@ def train_router(cfg: RouterTrainConfig, inp: RouterInputs) -> RouterResult:
         tail = train_rows[-max(1, len(train_rows) // 10):]
         summary = {
             "steps": res.steps, "seed": lc.seed, "lr": lc.lr, "batch_size": lc.batch_size,
-            "max_len": cfg.examples.max_len, "pref_weight": cfg.pref_weight, "train_nll_last10pct": sum(r["nll"] for r in tail) / max(1, len(tail)),
+            "max_len": cfg.examples.max_len, "pref_weight": cfg.pref_weight,
+            "train_nll_last10pct": sum(r["nll"] for r in tail) / max(1, len(tail)),
             "heldout": {k: res.eval.get(k) for k in ("nll", "mean_a", "tokens")} if res.eval else None,
             "fixed_a_baseline": extra["baseline"], **inp.data_info,
         }
