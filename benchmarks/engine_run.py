@@ -13,7 +13,7 @@ vLLM), "reward", "dtype", "max_model_len", "eager", "engine_kwargs": {...}, "max
   (p50/p99) from vLLM's per-request stats, and the process's peak RSS. EOS is ignored so every request makes
   exactly max_tokens tokens.
 * greedy (+ optional "models": several stock-vLLM models, one after another): per run label, per prompt, the greedy
-  ids, the top-2 logprobs of each step and the logprob of each sampled token.
+  ids and text, the top-2 logprobs of each step and the logprob of each sampled token.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def greedy(spec: dict) -> dict:
                                 extra_args=run.get("extra_args"))
             res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], sp, use_tqdm=False)
             out[run["label"]] = [
-                {"ids": list(r.outputs[0].token_ids),
+                {"ids": list(r.outputs[0].token_ids), "text": r.outputs[0].text,
                  "top2": [[lp.logprob for lp in sorted(d.values(), key=lambda x: x.rank)][:2]
                           for d in r.outputs[0].logprobs],
                  "logprobs": [d[t].logprob for d, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]}
