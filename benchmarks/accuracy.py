@@ -27,17 +27,15 @@ there). Writes ``accuracy.json``/``.md``, ``accuracy.png`` (accuracy vs fixed a,
 from __future__ import annotations
 
 import argparse
-import collections
 import html
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.engine_run import in_fresh_process
 from benchmarks.stats import wilson
 
 ROOT = Path(__file__).resolve().parent
@@ -106,8 +104,9 @@ def progress(msg: str) -> None:
 
 
 def engine_worker(spec_path: str, out_path: str) -> None:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from taro_vllm import envs
+
+    envs.engine_defaults(kv_cache_gib=2, in_process=True)
     from transformers import AutoTokenizer
 
     from taro_vllm.serving.llm import taro_llm
@@ -152,20 +151,7 @@ def _generate(llm, tok, prompts: list[list[int]], max_tokens: int, method: dict,
 
 def run_engine(spec: dict) -> dict:
     """Run :func:`engine_worker` in a fresh process (one engine at a time; its memory is freed on exit)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        sp.write_text(json.dumps(spec))
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.accuracy", "--engine-worker", str(sp), str(op)],
-                                cwd=ROOT.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        tail: collections.deque[str] = collections.deque(maxlen=60)
-        for line in proc.stderr:  # echo the worker's progress lines as they come; keep the rest for errors
-            tail.append(line)
-            if line.startswith(PROGRESS):
-                sys.stderr.write(line)
-                sys.stderr.flush()
-        if proc.wait() != 0:
-            raise RuntimeError("".join(tail)[-4000:])
-        return json.loads(op.read_text())
+    return in_fresh_process(spec, module="benchmarks.accuracy", args=("--engine-worker",), echo_prefix=PROGRESS)
 
 
 def core_methods(alphas: list[float], taro_label: str, reward_alone: bool = True) -> list[dict]:

@@ -1,21 +1,71 @@
-"""One vLLM engine, timed: ``python -m benchmarks.engine_run SPEC.json OUT.json`` (a fresh process per engine).
+"""One vLLM engine in a fresh process, driven by a JSON spec: the one engine driver of the benchmarks and tests.
 
-SPEC: {"model": path, "router": ckpt or null, "dtype", "max_model_len", "eager", "max_tokens",
-       "prompts": [[ids]...], "batch_sizes": [...], "runs": [{"label": ..., "extra_args": {...}}, ...]}
-For each run label and batch size: output tokens/s over the whole batch, TTFT and TPOT (p50/p99) from vLLM's
-per-request stats, and the process's peak RSS. EOS is ignored so every request makes exactly max_tokens tokens.
+    in_fresh_process(spec)          runs ``python -m benchmarks.engine_run SPEC.json OUT.json`` and returns OUT
+    in_fresh_process(spec, module="benchmarks.accuracy", args=["--engine-worker"])   another module's worker
+
+A fresh process per engine: one engine at a time, its memory freed on exit, nothing left over in the caller.
+
+SPEC (this module's workers): {"worker": "throughput" | "greedy", "model": path, "router": ckpt or null (null = stock
+vLLM), "reward", "dtype", "max_model_len", "eager", "engine_kwargs": {...}, "max_tokens", "prompts": [[ids]...],
+"runs": [{"label": ..., "extra_args": {...}}, ...]}
+
+* throughput (+ "batch_sizes"): per run label and batch size, output tokens/s over the whole batch, TTFT and TPOT
+  (p50/p99) from vLLM's per-request stats, and the process's peak RSS. EOS is ignored so every request makes
+  exactly max_tokens tokens.
+* greedy (+ optional "models": several stock-vLLM models, one after another): per run label, per prompt, the greedy
+  ids and text, the top-2 logprobs of each step and the logprob of each sampled token.
 """
 
 from __future__ import annotations
 
+import collections
 import json
-import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def in_fresh_process(spec: dict, *, module: str = "benchmarks.engine_run", args: tuple[str, ...] = (),
+                     env: dict | None = None, echo_prefix: str | None = None, timeout: float | None = None) -> dict:
+    """Run ``python -m MODULE *ARGS SPEC.json OUT.json`` in a fresh process and return OUT; stderr lines starting
+    with ``echo_prefix`` are echoed as they come (progress), the rest kept for the error (RuntimeError)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        sp.write_text(json.dumps(spec))
+        proc = subprocess.Popen([sys.executable, "-m", module, *args, str(sp), str(op)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        tail: collections.deque[str] = collections.deque(maxlen=80)
+        t0 = time.monotonic()
+        for line in proc.stderr:
+            tail.append(line)
+            if echo_prefix and line.startswith(echo_prefix):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                proc.kill()
+                break
+        if proc.wait() != 0:
+            raise RuntimeError(f"{module} engine failed (exit {proc.returncode}):\n" + "".join(tail)[-4000:])
+        return json.loads(op.read_text())
+
+
+# --- the workers (in the fresh process) -------------------------------------------------------------------------
+
+def _engine(spec: dict, model: str | None = None):
+    from vllm import LLM
+
+    common = dict(dtype=spec.get("dtype", "float32"), max_model_len=spec.get("max_model_len", 1024),
+                  enforce_eager=spec.get("eager", False), seed=0, **spec.get("engine_kwargs", {}))
+    if spec.get("router"):
+        from taro_vllm.serving.llm import taro_llm
+
+        return taro_llm(model or spec["model"], spec["router"], spec.get("reward"), **common)
+    return LLM(model=model or spec["model"], **common)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -26,20 +76,12 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-def main(spec_path: str, out_path: str) -> None:
-    from vllm import LLM, SamplingParams
+def throughput(spec: dict) -> dict:
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    spec = json.load(open(spec_path))
-    common = dict(dtype=spec["dtype"], max_model_len=spec["max_model_len"], enforce_eager=spec["eager"], seed=0,
-                  disable_log_stats=False)
     t0 = time.perf_counter()
-    if spec.get("router"):
-        from taro_vllm.serving.llm import taro_llm
-
-        llm = taro_llm(spec["model"], spec["router"], spec.get("reward"), **common)
-    else:
-        llm = LLM(model=spec["model"], **common)
+    llm = _engine({**spec, "engine_kwargs": {"disable_log_stats": False, **spec.get("engine_kwargs", {})}})
     startup = time.perf_counter() - t0
     prompts = spec["prompts"]
     results = []
@@ -62,7 +104,46 @@ def main(spec_path: str, out_path: str) -> None:
                             "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99)})
             print(json.dumps(results[-1]), file=sys.stderr)
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    json.dump({"startup_s": startup, "peak_rss_gib": peak_rss_gib, "results": results}, open(out_path, "w"))
+    return {"startup_s": startup, "peak_rss_gib": peak_rss_gib, "results": results}
+
+
+def greedy(spec: dict) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    def one_engine(llm) -> dict:
+        out = {}
+        for run in spec.get("runs") or [{"label": "default"}]:
+            sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True, logprobs=2,
+                                extra_args=run.get("extra_args"))
+            res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], sp, use_tqdm=False)
+            out[run["label"]] = [
+                {"ids": list(r.outputs[0].token_ids), "text": r.outputs[0].text,
+                 "top2": [[lp.logprob for lp in sorted(d.values(), key=lambda x: x.rank)][:2]
+                          for d in r.outputs[0].logprobs],
+                 "logprobs": [d[t].logprob for d, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]}
+                for r in res]
+        return out
+
+    if "models" in spec:  # several stock-vLLM models, one engine at a time
+        results = {}
+        for name in spec["models"]:
+            llm = _engine(spec, name)
+            results[name] = one_engine(llm)
+            del llm
+        return results
+    return one_engine(_engine(spec))
+
+
+WORKERS = {"throughput": throughput, "greedy": greedy}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from taro_vllm import envs
+
+    envs.engine_defaults(kv_cache_gib=2, in_process=True)
+    spec = json.loads(Path(spec_path).read_text())
+    Path(out_path).write_text(json.dumps(WORKERS[spec.get("worker", "throughput")](spec)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -99,6 +98,9 @@ def sync_census() -> None:
     check("TARo hot path syncs (CPU census, same code)", r.returncode == 0, "; ".join(lines) or r.stdout[-500:])
 
 
+PROMPT = "Q: What is 12 + 7?\nA: Step 1:"
+
+
 def post(url: str, path: str, body: dict) -> tuple[int, dict]:
     import httpx
 
@@ -110,7 +112,7 @@ def serve_checks(base: Path, reward: Path, router: Path, logs: Path, env_extra: 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from server_utils import taro_server
 
-    prompt = "Q: What is 12 + 7?\nA: Step 1:"
+    prompt = PROMPT
     args = [str(base), "--taro-router", str(router), "--taro-reward-model", str(reward), "--max-model-len", "2048",
             "--served-model-name", "taro", "--gpu-memory-utilization", "0.5"]
     t0 = time.time()
@@ -140,23 +142,21 @@ def serve_checks(base: Path, reward: Path, router: Path, logs: Path, env_extra: 
 
 
 def plain_vllm_greedy(model: Path, logs: Path, label: str) -> dict | None:
-    """Greedy text and chosen-token logprobs of stock vLLM (our plugin not loaded) on one model."""
-    script = textwrap.dedent(f"""
-        import json
-        from vllm import LLM, SamplingParams
-        llm = LLM(model={str(model)!r}, max_model_len=2048, gpu_memory_utilization=0.3)
-        o = llm.generate(["Q: What is 12 + 7?\\nA: Step 1:"],
-                         SamplingParams(max_tokens=16, temperature=0, logprobs=1))[0].outputs[0]
-        lps = [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)]
-        print("OUT", json.dumps({{"text": o.text, "logprobs": lps}}))
-    """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       env={**os.environ, "VLLM_PLUGINS": "none"}, timeout=900)
-    (logs / f"plain-{label}.log").write_text(r.stdout + r.stderr)
-    for line in r.stdout.splitlines():
-        if line.startswith("OUT "):
-            return json.loads(line[4:])
-    return None
+    """Greedy text and chosen-token logprobs of stock vLLM (our plugin not loaded) on one model, through the one
+    engine driver (benchmarks.engine_run)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.engine_run import in_fresh_process
+
+    ids = AutoTokenizer.from_pretrained(str(model))(PROMPT)["input_ids"]  # as the completions endpoint tokenizes
+    spec = {"worker": "greedy", "model": str(model), "prompts": [ids], "max_tokens": 16, "dtype": "auto",
+            "max_model_len": 2048, "engine_kwargs": {"gpu_memory_utilization": 0.3}}
+    try:
+        out = in_fresh_process(spec, env={**os.environ, "VLLM_PLUGINS": "none"}, timeout=900)["default"][0]
+    except RuntimeError as e:
+        (logs / f"plain-{label}.log").write_text(str(e))
+        return None
+    return {"text": out["text"], "logprobs": out["logprobs"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.engine_run import in_fresh_process
 from taro_vllm import assets
 from taro_vllm.checkpoint import save_router, tokenizer_fingerprint
 from taro_vllm.router import RouterConfig, build_router
@@ -52,17 +52,10 @@ def _prompts(base: Path, n: int, length: int) -> list[list[int]]:
 
 
 def run_engine(spec: dict, label: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_path.write_text(json.dumps(spec))
-        t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "benchmarks.engine_run", str(spec_path), str(out_path)],
-                           cwd=ROOT.parent, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{label} engine failed:\n{r.stderr[-4000:]}")
-        out = json.loads(out_path.read_text())
-        print(f"  {label}: startup {out['startup_s']:.1f}s, process {time.perf_counter() - t:.1f}s", flush=True)
-        return out
+    t = time.perf_counter()
+    out = in_fresh_process({"worker": "throughput", **spec})
+    print(f"  {label}: startup {out['startup_s']:.1f}s, process {time.perf_counter() - t:.1f}s", flush=True)
+    return out
 
 
 def run_hf_loop(base: Path, reward: Path, prompts: list[list[int]], max_tokens: int, batch_size: int,

@@ -17,27 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+from router_training import configs
 from router_training.errors import TrainingSetupError
+from router_training.reward_trainer import RewardTrainConfig
+from router_training.router_fit import CACHE_FIELDS, NO_STATE_FIELDS, FitConfig
+from router_training.router_trainer import RouterTrainConfig
 
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder (the artefact; logs and state go to OUT/train/)")
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-len", type=int, default=256, help="tokens per sequence (prompt + steps)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--heldout-fraction", type=float, default=0.1, help="problems held out for evaluation")
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--max-eval", type=int, help="cap on held-out pairs (reward) / solutions (router) per evaluation")
-    p.add_argument("--checkpoint-every", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cuda / cpu (default: cuda if available; bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--no-chat-template", dest="chat_template", action="store_false")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/train/state after a kill")
-    p.add_argument("--keep-state", action="store_true", help="keep the resumable state after finishing")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: stop as if killed
+# help for the RouterConfig fields (taro_vllm's class has none, or the serving side's, for some)
+ROUTER_HELPS = {"kind": "topk: top-K log-probs + token embeddings; full: both whole log-prob rows",
+                "hidden_dim": "MLP hidden size",
+                "init_bias": "initial output logit: a_t starts at sigmoid(init_bias) (0: a = 0.5)"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,59 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--k", type=int, default=8)
     f.add_argument("--max-per-file", type=int, help="use at most this many records of each --data/--pairs file")
 
+    # The trainers' flags are their config fields (configs.add_flags); --max-eval is the older, shared spelling.
     g = sub.add_parser("fit-router", help="train the top-K router on a feature cache (seconds)")
-    g.add_argument("--cache", required=True)
-    g.add_argument("--out", required=True)
-    g.add_argument("--objective", choices=["nll", "nll+pref"], default="nll")
-    g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--batch-rows", type=int, default=512)
-    g.add_argument("--other-weight", type=float, default=0.1, help="weight of non-informative rows")
-    g.add_argument("--pref-weight", type=float, default=0.5)
-    g.add_argument("--pref-beta", type=float, default=0.1)
-    g.add_argument("--init-bias", type=float, help="initial output logit (default: a = 0.1)")
-    g.add_argument("--hidden-dim", type=int, default=64)
-    g.add_argument("--embed-dim", type=int, default=16)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    configs.add_flags(g, FitConfig, aliases={"max_steps": ["--steps"], "batch_size": ["--batch-rows"]},
+                      skip=CACHE_FIELDS | NO_STATE_FIELDS,  # the cache's router shape; a fit has no state
+                      helps={**ROUTER_HELPS, "batch_size": "cached rows per step"})
 
     r = sub.add_parser("reward", help="train the autoregressive reward model")
-    r.add_argument("--model", help="causal LM folder to start from (default: SmolLM2-135M-Instruct, built offline)")
-    r.add_argument("--data", action="append", required=True, help="Math-Step-DPO file (JSONL/Parquet); repeatable")
-    r.add_argument("--beta", type=float, default=0.05)
-    r.add_argument("--nll-weight", type=float, default=0.0,
-                   help="+ this x mean-token NLL of the chosen step (0 = pure GenARM)")
-    r.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the saved model)")
-    r.add_argument("--lora-r", type=int, default=16)
-    r.add_argument("--lora-alpha", type=int, default=32)
-    r.add_argument("--lora-last-layers", type=int, help="LoRA on the top N layers only (a cheaper backward)")
-    r.add_argument("--max-train-pairs", type=int)
-    _common(r)
+    configs.add_flags(r, RewardTrainConfig, aliases={"max_eval_pairs": ["--max-eval"]})
 
     t = sub.add_parser("router", help="train the TARo router")
-    t.add_argument("--base", required=True, help="base model folder (frozen)")
-    t.add_argument("--reward", required=True, help="reward model folder (frozen; same tokenizer)")
-    t.add_argument("--data", action="append", required=True,
-                   help="solutions file: prompt/solution or Math-Step-DPO (full_chosen); repeatable")
-    t.add_argument("--pairs", action="append", default=[], help="Math-Step-DPO pairs for the preference term")
-    t.add_argument("--pref-weight", type=float, default=0.0)
-    t.add_argument("--pref-beta", type=float, default=0.05)
-    t.add_argument("--kind", choices=["topk", "full"], default="topk")
-    t.add_argument("--k", type=int, default=8)
-    t.add_argument("--source", choices=["base", "reward", "both"], default="both")
-    t.add_argument("--embed-dim", type=int, default=16)
-    t.add_argument("--hidden-dim", type=int, default=64)
-    t.add_argument("--init-bias", type=float, default=0.0)
-    _common(t)
+    configs.add_flags(t, RouterTrainConfig, aliases={"max_eval_examples": ["--max-eval"]},
+                      skip={"vocab_size"},  # the base model's, filled in by train_router
+                      helps=ROUTER_HELPS)
     return p
-
-
-def _opt(args: argparse.Namespace, keys: list[str]) -> dict:
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-
-
-_COMMON = ["out", "max_steps", "batch_size", "max_len", "lr", "warmup", "heldout_fraction", "eval_every",
-           "checkpoint_every", "seed", "device", "chat_template", "resume", "keep_state", "progress", "stop_after"]
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -251,13 +201,9 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit_router(args: argparse.Namespace) -> int:
-    from router_training.router_fit import FitConfig, fit
+    from router_training.router_fit import fit
 
-    cfg = FitConfig(cache=args.cache, out=args.out, objective=args.objective, steps=args.steps, lr=args.lr,
-                    batch_rows=args.batch_rows, other_weight=args.other_weight, pref_weight=args.pref_weight,
-                    pref_beta=args.pref_beta, init_bias=args.init_bias, hidden_dim=args.hidden_dim,
-                    embed_dim=args.embed_dim, seed=args.seed, progress=args.progress)
-    res = fit(cfg)
+    res = fit(configs.build(FitConfig, vars(args)))
     ev = res.report["eval"]
     print(json.dumps({"router": str(res.checkpoint), "seconds": res.report["seconds"], "gate_c": res.report["gate_c"],
                       "val": {k: ev[k] for k in ("nll_informative", "best_fixed_a", "best_fixed_nll_informative",
@@ -267,18 +213,13 @@ def _cmd_fit_router(args: argparse.Namespace) -> int:
 
 
 def _cmd_reward(args: argparse.Namespace) -> int:
-    from router_training.reward_trainer import RewardTrainConfig, train_reward
+    from router_training.reward_trainer import train_reward
 
     if args.model is None:
         from taro_vllm import assets
 
         args.model = str(assets.build_smollm2())
-    cfg = RewardTrainConfig(model=args.model, data=args.data, beta=args.beta, nll_weight=args.nll_weight,
-                            lora=args.lora, lora_r=args.lora_r,
-                            lora_alpha=args.lora_alpha, lora_last_layers=args.lora_last_layers,
-                            max_train_pairs=args.max_train_pairs,
-                            **_opt(args, _COMMON), **({"max_eval_pairs": args.max_eval} if args.max_eval else {}))
-    res = train_reward(cfg)
+    res = train_reward(configs.build(RewardTrainConfig, vars(args)))
     if res.finished:
         print(json.dumps({"reward_model": str(res.model_dir), "steps": res.steps, "heldout": res.eval,
                           "seconds": round(res.seconds, 1)}))
@@ -286,14 +227,9 @@ def _cmd_reward(args: argparse.Namespace) -> int:
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
-    from router_training.router_trainer import RouterTrainConfig, run_router_training
+    from router_training.router_trainer import run_router_training
 
-    cfg = RouterTrainConfig(base=args.base, reward=args.reward, data=args.data, pairs=args.pairs,
-                            pref_weight=args.pref_weight, pref_beta=args.pref_beta, kind=args.kind, k=args.k,
-                            source=args.source, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim,
-                            init_bias=args.init_bias, **_opt(args, _COMMON),
-                            **({"max_eval_examples": args.max_eval} if args.max_eval else {}))
-    res = run_router_training(cfg)
+    res = run_router_training(configs.build(RouterTrainConfig, vars(args)))
     if res.finished:
         print(json.dumps({"router": str(res.checkpoint), "steps": res.steps, "heldout": res.eval,
                           "seconds": round(res.seconds, 1)}))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from router_training import tawp
+from router_training.configs import arg
 from router_training.data import Solution, StepPair
 from router_training.errors import DataError
 
@@ -32,6 +33,19 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
+
+
+@dataclass
+class ExampleConfig:
+    """How both trainers turn their records into examples: the token window, the prompt format and the held-out
+    split (``data.split_by_group``, by problem)."""
+
+    max_len: int = arg(256, "tokens per sequence (prompt + the scored steps or solution)")
+    heldout_fraction: float = arg(0.1, "problems held out for evaluation")
+    chat_template: bool = arg(True, "wrap prompts in the tokenizer's chat template")
+
+    def encoder(self, tokenizer) -> Encoder:
+        return Encoder(tokenizer, self.max_len, self.chat_template)
 
 
 class Encoder:

@@ -16,13 +16,13 @@ rejected); every record carries its problem as ``group`` so splits never share a
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from router_training import tawp
 from router_training.data import Solution, StepPair
+from taro_vllm import envs
 
 
 @dataclass
@@ -85,8 +85,7 @@ class BaseSampler:
     """The base model alone (``taro_mode=base``), served by the TARo plugin: one engine for greedy and sampled runs."""
 
     def __init__(self, base: str, dtype: str = "float32", seed: int = 0, eager: bool = False):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        envs.engine_defaults(kv_cache_gib=4, in_process=True)
         from transformers import AutoTokenizer
 
         from taro_vllm.demo import demo_router

@@ -70,7 +70,9 @@ def routers(run: Path) -> list[str]:
             continue
         ev = rep["eval"]
         gc = rep["gate_c"]
-        out.append(f"* `{d.name}` ({rep['objective']}, {rep['config']['steps']} steps, {rep['seconds']:.0f} s; "
+        cfg = rep["config"]
+        steps = cfg["loop"]["max_steps"] if "loop" in cfg else cfg["steps"]  # reports before the nested FitConfig: flat
+        out.append(f"* `{d.name}` ({rep['objective']}, {steps} steps, {rep['seconds']:.0f} s; "
                    f"{rep['train_rows']} train rows, {rep['train_pairs']} train pairs): validation NLL at informative "
                    f"positions {ev['nll_informative']:.4f} vs best fixed a={ev['best_fixed_a']:.2f} "
                    f"{ev['best_fixed_nll_informative']:.4f}, base {ev['base_nll_informative']:.4f}, per-token oracle "

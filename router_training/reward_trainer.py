@@ -5,7 +5,9 @@ prefix)))``, no reference model. Optionally ``+ nll_weight * mean-token NLL of t
 deviation from GenARM, "DPO + NLL" style): it keeps the reward model's own probability of the right step rising, which
 a router trained on the likelihood of the mix needs; ``nll_weight=0`` is pure GenARM.
 
-Full fine-tune or LoRA (merged before saving, so the output is a plain model that vLLM loads). The held-out split (grouped by problem) reports pairwise accuracy and the mean margin.
+Full fine-tune or LoRA (merged before saving, so the output is a plain model that vLLM loads). The held-out split
+(grouped by problem) reports pairwise accuracy and the mean margin. This module is the math (the loss of a batch,
+the evaluation, the saved model); :func:`router_training.loop.run` is the loop (resume, schedule, logs, checkpoints).
 
 Output, ``--out DIR``: the reward model itself (``config.json``, ``model.safetensors``, tokenizer) plus
 ``DIR/train/{metrics.jsonl,curves.png,state/}``.
@@ -13,53 +15,46 @@ Output, ``--out DIR``: the reward model itself (``config.json``, ``model.safeten
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from router_training import checkpointing, runtime
+from router_training import configs, loop, runtime
+from router_training.configs import arg
 from router_training.data import StepPair, load_step_pairs, split_by_group
-from router_training.encoding import Batch, Encoder, batch_indices, collate, scored_logprobs
+from router_training.encoding import Batch, Encoder, ExampleConfig, batch_indices, collate, scored_logprobs
 from router_training.errors import DataError, TrainingSetupError
+from router_training.loop import LoopConfig
+from router_training.losses import pair_loss
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def reward_loop(**kw: Any) -> LoopConfig:
+    """The reward model's loop defaults: a pretrained LM takes small steps (lr 1e-5, 10 warmup steps)."""
+    return LoopConfig(**{"lr": 1e-5, "warmup": 10, **kw})
+
+
 @dataclass
 class RewardTrainConfig:
-    model: str  # causal LM folder to start from
-    data: list[str]  # Math-Step-DPO files (JSONL / Parquet)
-    out: str
-    beta: float = 0.05
-    nll_weight: float = 0.0  # 0 = pure GenARM
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_last_layers: int | None = None  # adapters on the top N layers only: backward stops there (CPU budget)
-    lr: float = 1e-5
-    warmup: int = 10
-    weight_decay: float = 0.0
-    batch_size: int = 4  # pairs per step (2x sequences in the one forward)
-    max_steps: int = 100
-    max_len: int = 256
-    heldout_fraction: float = 0.1
-    max_eval_pairs: int = 256
-    eval_every: int = 25
-    checkpoint_every: int = 25
-    seed: int = 0
-    chat_template: bool = True
-    device: str | None = None
-    resume: bool = False
-    keep_state: bool = False
-    progress: bool = True
-    stop_after: int | None = None  # stop (as if killed) after this many steps; for tests of --resume
-    max_train_pairs: int | None = None
+    model: str = arg(help="causal LM folder to start from (default: SmolLM2-135M-Instruct, built offline)",
+                     required=False)
+    data: list[str] = arg(help="Math-Step-DPO file (JSONL / Parquet); repeatable")
+    out: str = arg(help="output folder (the reward model; logs and state go to OUT/train/)")
+    beta: float = arg(0.05, "GenARM's beta")
+    nll_weight: float = arg(0.0, "+ this x mean-token NLL of the chosen step (0 = pure GenARM)")
+    lora: bool = arg(False, "train LoRA adapters (merged into the saved model)")
+    lora_r: int = arg(16, "LoRA rank")
+    lora_alpha: int = arg(32, "LoRA alpha")
+    # adapters on the top N layers only: backward stops there (CPU budget)
+    lora_last_layers: int | None = arg(None, "LoRA on the top N layers only (a cheaper backward)")
+    examples: ExampleConfig = field(default_factory=ExampleConfig)
+    max_eval_pairs: int = arg(256, "held-out pairs per evaluation")
+    max_train_pairs: int | None = arg(None, "train on the first N pairs only")
+    loop: LoopConfig = field(default_factory=reward_loop)  # batch_size: pairs per step (2x sequences in one forward)
 
 
 @dataclass
@@ -90,31 +85,30 @@ def pair_logps(model, enc: Encoder, pairs: list[StepPair], device,
     return lp[:n], lp[n:]
 
 
-def preference_loss(lp_c: torch.Tensor, lp_r: torch.Tensor, beta: float) -> torch.Tensor:
-    return -F.logsigmoid(beta * (lp_c - lp_r)).mean()
-
-
 @torch.no_grad()
 def evaluate(model, enc: Encoder, pairs: list[StepPair], beta: float, batch_size: int, device) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    margins = []
+    chosen, rejected = [], []
     for i in range(0, len(pairs), batch_size):
         c, r = pair_logps(model, enc, pairs[i: i + batch_size], device)
-        margins.append((c - r).float().cpu())
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
     model.train(was_training)
-    m = torch.cat(margins)
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    m = c - r
     return {"pairwise_accuracy": float((m > 0).float().mean()), "margin": float(m.mean()),
-            "loss": float(-F.logsigmoid(beta * m).mean()), "pairs": len(pairs)}
+            "loss": float(pair_loss(c, r, beta)), "pairs": len(pairs)}
 
 
 def _load_pairs(cfg: RewardTrainConfig) -> tuple[list[StepPair], list[StepPair]]:
     if not cfg.data:
         raise DataError("no data file given; pass --data FILE (Math-Step-DPO JSONL or Parquet)")
     pairs = [p for path in cfg.data for p in load_step_pairs(path)]
-    train, held = split_by_group(pairs, cfg.heldout_fraction, cfg.seed)
+    train, held = split_by_group(pairs, cfg.examples.heldout_fraction, cfg.loop.seed)
     if not train:
-        raise DataError(f"no training pairs left after holding out {cfg.heldout_fraction:.0%} of the problems")
+        raise DataError(f"no training pairs left after holding out {cfg.examples.heldout_fraction:.0%} of the "
+                        "problems")
     if cfg.max_train_pairs:
         train = train[: cfg.max_train_pairs]
     return train, held[: cfg.max_eval_pairs]
@@ -140,80 +134,45 @@ def _wrap_lora(model, cfg: RewardTrainConfig):
 def train_reward(cfg: RewardTrainConfig) -> RewardResult:
     t0 = time.time()
     out = Path(cfg.out).expanduser()
-    run = out / "train"
     model_path = runtime.check_model_dir(cfg.model, "reward model start point")
     train_pairs, held = _load_pairs(cfg)
-    device, dtype = runtime.pick_device(cfg.device)
-    runtime.seed_everything(cfg.seed)
+    device, dtype = runtime.pick_device(cfg.loop.device)
+    runtime.seed_everything(cfg.loop.seed)
     tok = runtime.load_tokenizer(model_path)
-    enc = Encoder(tok, cfg.max_len, cfg.chat_template)
+    enc = cfg.examples.encoder(tok)
     model = runtime.load_causal_lm(model_path, device, dtype)
     model.config.use_cache = False
     if cfg.lora:
         model = _wrap_lora(model, cfg)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run_cfg = _state_config(cfg)
+    batch_size, seed = cfg.loop.batch_size, cfg.loop.seed
 
-    start = 0
-    if cfg.resume and checkpointing.has_state(run):
-        start = checkpointing.load_state(run, model, opt, run_cfg)["step"]
-    log = runtime.MetricsLog(run / "metrics.jsonl", start if cfg.resume else None)
-
-    def do_eval(step: int) -> dict[str, float]:
-        if not held:
-            return {}
-        ev = evaluate(model, enc, held, cfg.beta, cfg.batch_size, device)
-        log.write({"step": step, "split": "eval", **ev})
-        return ev
-
-    if start == 0:
-        do_eval(0)
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="reward", disable=not cfg.progress, dynamic_ncols=True)
-    step = start
-    ev: dict[str, float] = {}
-    while step < cfg.max_steps:
-        if cfg.stop_after is not None and step - start >= cfg.stop_after:
-            bar.close()
-            return RewardResult(out, step, {}, time.time() - t0, finished=False)
-        for g in opt.param_groups:
-            g["lr"] = runtime.lr_at(step, cfg.lr, cfg.warmup)
-        batch = [train_pairs[i] for i in batch_indices(len(train_pairs), cfg.batch_size, step, cfg.seed)]
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = [train_pairs[i] for i in batch_indices(len(train_pairs), batch_size, step, seed)]
         lp_c, lp_r, n_c = pair_logps(model, enc, batch, device, with_counts=True)
-        loss = preference_loss(lp_c, lp_r, cfg.beta)
+        loss = pair_loss(lp_c, lp_r, cfg.beta)
         nll = -(lp_c.sum() / n_c.sum().clamp(min=1))
         if cfg.nll_weight:
             loss = loss + cfg.nll_weight * nll
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
         margin = (lp_c - lp_r).detach()
-        row = {"step": step, "split": "train", "loss": float(loss.detach()), "margin": float(margin.mean()),
-               "pairwise_accuracy": float((margin > 0).float().mean()), "lr": opt.param_groups[0]["lr"],
-               "grad_norm": float(gnorm), "chosen_nll": float(nll.detach())}
-        if not math.isfinite(row["loss"]):
-            raise TrainingSetupError(f"reward loss became {row['loss']} at step {step}; lower --lr")
-        log.write(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}")
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            ev = do_eval(step)
-        if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            checkpointing.save_state(run, model, opt, step, run_cfg)
-    bar.close()
-    _save_model(model, tok, out, cfg.lora)
-    runtime.plot_curves(log.rows, run / "curves.png", "reward model (GenARM)",
-                        [("train", ["loss", "pairwise_accuracy"]), ("eval", ["loss", "pairwise_accuracy"])])
-    if not cfg.keep_state:
-        checkpointing.clear_state(run)
-    return RewardResult(out, step, ev, time.time() - t0)
+        return loss, {"margin": float(margin.mean()), "pairwise_accuracy": float((margin > 0).float().mean()),
+                      "chosen_nll": float(nll.detach())}
+
+    def eval_fn(step: int) -> dict[str, float]:
+        return evaluate(model, enc, held, cfg.beta, batch_size, device) if held else {}
+
+    def finish(res: loop.LoopResult) -> None:
+        _save_model(model, tok, out, cfg.lora)
+        runtime.plot_curves(res.rows, out / "train" / "curves.png", "reward model (GenARM)",
+                            [("train", ["loss", "pairwise_accuracy"]), ("eval", ["loss", "pairwise_accuracy"])])
+
+    res = loop.run(model, step_fn, eval_fn, cfg.loop, out / "train", _state_config(cfg), name="reward",
+                   postfix=lambda r: {"loss": f"{r['loss']:.3f}", "margin": f"{r['margin']:.2f}"}, finish=finish)
+    return RewardResult(out, res.steps, res.eval, time.time() - t0, res.finished)
 
 
 def _state_config(cfg: RewardTrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "device")}
+    return {k: v for k, v in configs.flat(cfg).items() if k not in ("out", "device")}
 
 
 def _save_model(model, tok, out: Path, lora: bool) -> None:

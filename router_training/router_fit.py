@@ -12,50 +12,75 @@ line". The router split's pairs and traces are disjoint from the reward model's 
 Every evaluation (held-out problems of the router split) reports the router's NLL next to each fixed a (GenARM) and
 the per-token oracle a (the best a of the grid for each row), i.e. Gate C: is there anything to route? And the mean
 a_t per token class. Selection between routers is done on validation *accuracy* by ``benchmarks.accuracy``.
+
+The steps run through :func:`router_training.loop.run`, the reward model's and the router trainer's loop. Like the
+router trainer's, the config nests the router's ``RouterConfig`` (``router``: its kind, K and vocabulary are the
+cache's) and the shared ``LoopConfig`` (``loop``); report.json records them nested the same way.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from router_training import feature_cache as fc
-from router_training import runtime
+from router_training import configs, loop, runtime
+from router_training.configs import arg
+from router_training.errors import TrainingSetupError
+from router_training.loop import LoopConfig
+from router_training.losses import pair_loss
+from router_training.router_trainer import VOCAB_FROM_MODELS, sized
 from taro_vllm.checkpoint import save_router
 from taro_vllm.router import Router, RouterConfig, build_router
 
 GRID = tuple(i / 20 for i in range(21))
 
 
+def fit_router_spec(**kw: Any) -> RouterConfig:
+    """A RouterConfig with this fit's defaults (embed 16, hidden 64, RouterConfig's init_bias: a = 0.1); the kind,
+    K and vocabulary are the cache's, filled in by :func:`fit` (:func:`cached_router`)."""
+    return RouterConfig(**{"vocab_size": VOCAB_FROM_MODELS, "embed_dim": 16, "hidden_dim": 64, **kw})
+
+
+def fit_loop(**kw: Any) -> LoopConfig:
+    """The fit's loop: constant lr, ``batch_size`` cached rows per step, and no checkpoints or resume (a fit takes
+    seconds, and its row sampler is a running generator, not a function of the step)."""
+    return LoopConfig(**{"lr": 1e-3, "warmup": 0, "weight_decay": 1e-4, "batch_size": 512, "max_steps": 1000,
+                         "eval_every": 250, "checkpoint_every": 0, **kw})
+
+
+# Fields of the nested configs that are not the fit's to choose: the router's shape is the cache's, and there is no
+# resumable state (nor a device: the cached rows are trained on the CPU). The CLI offers no flag for them.
+CACHE_FIELDS = frozenset({"kind", "source", "k", "vocab_size"})
+NO_STATE_FIELDS = frozenset({"device", "resume", "keep_state", "checkpoint_every", "stop_after"})
+
+
 @dataclass
 class FitConfig:
-    cache: str
-    out: str
-    objective: Literal["nll", "nll+pref"] = "nll"
-    embed_dim: int = 16
-    hidden_dim: int = 64
-    init_bias: float | None = None  # None: RouterConfig's default (a ≈ 0.1 at the start)
-    other_weight: float = 0.1
-    pref_weight: float = 0.5
-    pref_beta: float = 0.1
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    steps: int = 1000
-    batch_rows: int = 512
-    pair_batch: int = 16
-    val_fraction: float = 0.15
-    eval_every: int = 250
-    seed: int = 0
-    progress: bool = True
+    cache: str = arg(help="feature cache folder (python -m router_training features)")
+    out: str = arg(help="output folder (the router checkpoint; logs and report.json go to OUT/train/)")
+    objective: Literal["nll", "nll+pref"] = arg("nll", "nll, or nll + the preference on the mix over the pairs")
+    other_weight: float = arg(0.1, "weight of non-informative rows")
+    pref_weight: float = arg(0.5, "weight of the preference term (objective nll+pref)")
+    pref_beta: float = arg(0.1, "beta of the preference term")
+    pair_batch: int = arg(16, "pairs per step for the preference term")
+    val_fraction: float = arg(0.15, "problems held out for validation")
+    router: RouterConfig = field(default_factory=fit_router_spec)
+    loop: LoopConfig = field(default_factory=fit_loop)  # batch_size: cached rows per step
+
+
+def cached_router(spec: RouterConfig, vocab_size: int, k: int) -> RouterConfig:
+    """``spec`` at the cache's shape: a top-K router over both models' top-``k`` at the cache's vocabulary."""
+    if spec.kind != "topk" or spec.source != "both":
+        raise TrainingSetupError(f"the feature cache trains a topk router on both models' top-K, not kind "
+                                 f"{spec.kind!r} with source {spec.source!r}")
+    return sized(spec, vocab_size).model_copy(update={"k": k})
 
 
 @dataclass
@@ -79,13 +104,12 @@ def weights(rows: dict[str, torch.Tensor], js: float, other: float) -> torch.Ten
     return torch.where(fc.informative(rows, js), 1.0, other)
 
 
-def pair_loss(router: Router, rows: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mix_preference(router: Router, rows: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Preference on the mix over the pairs present in ``rows``: (loss, accuracy)."""
     lp = -fc.cached_nll(rows, router_alpha(router, rows))
     pairs, inv = torch.unique(rows["pair"], return_inverse=True)
     summed = torch.zeros(len(pairs), 2).index_put_((inv, rows["side"]), lp, accumulate=True)
-    margin = summed[:, 0] - summed[:, 1]
-    return -F.logsigmoid(beta * margin).mean(), (margin > 0).float().mean()
+    return pair_loss(summed[:, 0], summed[:, 1], beta), (summed[:, 0] > summed[:, 1]).float().mean()
 
 
 @torch.no_grad()
@@ -114,7 +138,7 @@ def evaluate(router: Router, rows: dict[str, torch.Tensor], pref_rows: dict[str,
     out["a_by_class"] = {c: {"mean_a": float(a[rows["cls"] == i].mean()), "rows": int((rows["cls"] == i).sum())}
                          for i, c in enumerate(fc.CLASSES) if (rows["cls"] == i).any()}
     if pref_rows is not None and pref_rows["pair"].numel():
-        loss, acc = pair_loss(router, pref_rows, cfg.pref_beta)
+        loss, acc = mix_preference(router, pref_rows, cfg.pref_beta)
         out["pref_loss"], out["pref_accuracy"] = float(loss), float(acc)
         base_only = -fc.cached_nll(pref_rows, 0.0)
         pairs, inv = torch.unique(pref_rows["pair"], return_inverse=True)
@@ -126,12 +150,16 @@ def evaluate(router: Router, rows: dict[str, torch.Tensor], pref_rows: dict[str,
 
 def fit(cfg: FitConfig) -> FitResult:
     t0 = time.time()
-    runtime.seed_everything(cfg.seed)
+    lc = cfg.loop
+    if lc.resume or lc.checkpoint_every or lc.stop_after is not None:
+        raise TrainingSetupError("a fit on the feature cache has no resumable state: resume, checkpoint_every and "
+                                 "stop_after are not supported (it takes seconds; rerun it)")
+    runtime.seed_everything(lc.seed)
     rows, meta = fc.load(Path(cfg.cache))
     ccfg = meta["config"]
     js = ccfg["js_threshold"]
     groups = meta["groups"]
-    held = split_groups(groups, cfg.val_fraction, cfg.seed)
+    held = split_groups(groups, cfg.val_fraction, lc.seed)
     is_val = torch.tensor([groups[int(s)] in held for s in rows["seq"]])
     is_pair = rows["pair"] >= 0
     train_nll, val_nll = fc.select(rows, ~is_pair & ~is_val), fc.select(rows, ~is_pair & is_val)
@@ -140,50 +168,46 @@ def fit(cfg: FitConfig) -> FitResult:
         raise ValueError(f"feature cache {cfg.cache} has no training rows")
     w_train = weights(train_nll, js, cfg.other_weight)
     train_pairs = torch.unique(train_pref["pair"]).tolist()
-    vocab = int(meta["vocab_size"])
-    rcfg_kw: dict[str, Any] = dict(kind="topk", vocab_size=vocab, k=ccfg["k"], source="both",
-                                   embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim)
-    if cfg.init_bias is not None:
-        rcfg_kw["init_bias"] = cfg.init_bias
-    router = build_router(RouterConfig(**rcfg_kw))
+    rcfg = cached_router(cfg.router, int(meta["vocab_size"]), ccfg["k"])
+    router = build_router(rcfg)
     router.train()
-    opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(cfg.out)
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    log = runtime.MetricsLog(out / "train" / "metrics.jsonl", None)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(lc.seed)
     use_pref = cfg.objective == "nll+pref" and train_pairs
-    first = evaluate(router, val_nll, val_pref, cfg, js)
-    log.write({"step": 0, "split": "eval", **_flat(first)})
-    bar = tqdm(range(cfg.steps), desc=f"router fit [{cfg.objective}]", disable=not cfg.progress, dynamic_ncols=True)
-    last = first
-    for step in bar:
-        idx = torch.randint(0, train_nll["targets"].numel(), (cfg.batch_rows,), generator=gen)
+    evals: list[dict[str, Any]] = []
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = torch.randint(0, train_nll["targets"].numel(), (lc.batch_size,), generator=gen)
         b = {k: v[idx] for k, v in train_nll.items()}
         a = router_alpha(router, b)
         w = w_train[idx]
         nll = (w * fc.cached_nll(b, a)).sum() / w.sum()
         loss = nll
-        row = {"step": step + 1, "split": "train", "weighted_nll": float(nll.detach()), "mean_a": float(a.detach().mean())}
+        row = {"weighted_nll": float(nll.detach()), "mean_a": float(a.detach().mean())}
         if use_pref:
-            pick = torch.tensor(random.Random(cfg.seed * 7919 + step).sample(train_pairs,
-                                                                              min(cfg.pair_batch, len(train_pairs))))
-            pl, pacc = pair_loss(router, fc.select(train_pref, torch.isin(train_pref["pair"], pick)), cfg.pref_beta)
+            pick = torch.tensor(random.Random(lc.seed * 7919 + step).sample(train_pairs,
+                                                                             min(cfg.pair_batch, len(train_pairs))))
+            pl, pacc = mix_preference(router, fc.select(train_pref, torch.isin(train_pref["pair"], pick)),
+                                      cfg.pref_beta)
             loss = loss + cfg.pref_weight * pl
             row.update(pref_loss=float(pl.detach()), pref_accuracy=float(pacc))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(router.parameters(), 1.0)
-        opt.step()
-        if not math.isfinite(float(loss)):
-            raise ValueError(f"router loss became {float(loss)} at step {step + 1}; lower --lr")
-        log.write(row)
-        bar.set_postfix(nll=f"{row['weighted_nll']:.3f}", a=f"{row['mean_a']:.2f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            last = evaluate(router, val_nll, val_pref, cfg, js)
-            log.write({"step": step + 1, "split": "eval", **_flat(last)})
+        return loss, row
+
+    def eval_fn(step: int) -> dict[str, Any]:
+        evals.append(evaluate(router, val_nll, val_pref, cfg, js))
+        return evals[-1]
+
+    # No resumable state to protect: the artefact is saved after the loop.
+    run_cfg = configs.flat(replace(cfg, router=rcfg))
+    res = loop.run(router, step_fn, eval_fn, lc, out / "train", run_cfg, name="router",
+                   desc=f"router fit [{cfg.objective}]",
+                   postfix=lambda r: {"nll": f"{r['weighted_nll']:.3f}", "a": f"{r['mean_a']:.2f}"})
+    first, last = evals[0], res.eval
     router.eval()
-    report = {"objective": cfg.objective, "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+    # config: the fit's own fields, the router's (at the cache's shape) and the loop's, nested as in FitConfig
+    own = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("router", "loop")}
+    loop_cfg = {k: v for k, v in asdict(lc).items() if k not in NO_STATE_FIELDS | {"progress"}}
+    report = {"objective": cfg.objective, "config": {**own, "router": rcfg.model_dump(), "loop": loop_cfg},
               "train_rows": int(train_nll["targets"].numel()), "train_pairs": len(train_pairs),
               "val_groups": len(held), "eval_start": first, "eval": last, "seconds": round(time.time() - t0, 1),
               "gate_c": {"oracle_gain_over_best_fixed": last["oracle_gain_over_best_fixed"],
@@ -192,10 +216,6 @@ def fit(cfg: FitConfig) -> FitResult:
     save_router(out, router, tokenizer_fingerprint=meta.get("tokenizer_fingerprint"),
                 base_model=meta.get("base_model"), reward_model=meta.get("reward_model"), training=report)
     (out / "train" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    runtime.plot_curves(log.rows, out / "train" / "curves.png", f"TARo router ({cfg.objective}, cached)",
+    runtime.plot_curves(res.rows, out / "train" / "curves.png", f"TARo router ({cfg.objective}, cached)",
                         [("train", ["weighted_nll"]), ("eval", ["nll_informative"]), ("eval", ["mean_a"])])
     return FitResult(router, out, report)
-
-
-def _flat(ev: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in ev.items() if not isinstance(v, dict)}

@@ -10,7 +10,9 @@ For comparison, the first evaluation also measures the held-out NLL of fixed mix
 1; a=0 is the base alone, a=1 the reward model alone; the same forwards) and every evaluation reports the best one.
 
 The models are plain callables ``(input_ids, attention_mask) -> logits [B, T, V]`` (:data:`LogitSource`), so the
-same :func:`train_router` runs on HF models (the CLI) and on synthetic logit sources (tests).
+same :func:`train_router` runs on HF models (the CLI) and on synthetic logit sources (tests). Its config holds the
+router's own ``RouterConfig`` (``router``) and the shared ``LoopConfig`` (``loop``); the steps run through
+:func:`router_training.loop.run`, the reward model's loop too.
 
 Output, ``--out DIR``: the router checkpoint (``taro_vllm.checkpoint`` format: ``config.json`` +
 ``model.safetensors``) plus ``DIR/train/{metrics.jsonl,curves.png,state/}``.
@@ -18,21 +20,21 @@ Output, ``--out DIR``: the router checkpoint (``taro_vllm.checkpoint`` format: `
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from router_training import checkpointing, runtime
+from router_training import configs, loop, runtime
+from router_training.configs import arg
 from router_training.data import load_solutions, load_step_pairs, split_by_group
-from router_training.encoding import Batch, Encoder, batch_indices, collate
+from router_training.encoding import Batch, ExampleConfig, batch_indices, collate
 from router_training.errors import DataError, TrainingSetupError
+from router_training.loop import LoopConfig
+from router_training.losses import pair_loss
 from taro_vllm import mix
 from taro_vllm.checkpoint import save_router, tokenizer_fingerprint
 from taro_vllm.router import Router, RouterConfig, build_router
@@ -42,45 +44,32 @@ Example = tuple[list[int], list[int]]  # (context ids, scored ids)
 PairExample = tuple[list[int], list[int], list[int], list[int]]  # (context, chosen, context, rejected)
 
 FIXED_A_GRID = tuple(i / 10 for i in range(11))
+VOCAB_FROM_MODELS = 1  # RouterConfig needs a vocab_size > 0; train_router replaces this one with the base's
+
+
+def router_spec(**kw: Any) -> RouterConfig:
+    """A RouterConfig with this trainer's defaults; ``vocab_size`` is filled in by :func:`train_router` from the
+    models. ``init_bias`` 0 starts at a = 0.5: this trainer's default from before RouterConfig's a = 0.1 (which the
+    cached-feature fit uses), kept so that the recorded recipe runs reproduce."""
+    return RouterConfig(**{"vocab_size": VOCAB_FROM_MODELS, "init_bias": 0.0, **kw})
 
 
 @dataclass
 class RouterTrainConfig:
-    base: str = ""  # model folders (CLI); unused when train_router is given logit sources directly
-    reward: str = ""
-    data: list[str] = field(default_factory=list)  # solutions: (prompt, solution) or Math-Step-DPO (full_chosen)
-    pairs: list[str] = field(default_factory=list)  # optional Math-Step-DPO pairs for the preference term
-    out: str = ""
-    kind: Literal["topk", "full"] = "topk"
-    k: int = 8
-    source: Literal["base", "reward", "both"] = "both"
-    embed_dim: int = 16
-    hidden_dim: int = 64
-    init_bias: float = 0.0
-    lr: float = 1e-3
-    warmup: int = 5
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    max_steps: int = 100
-    max_len: int = 256
-    pref_weight: float = 0.0  # 0 = NLL only
-    pref_beta: float = 0.05
-    pref_batch_size: int = 2
-    heldout_fraction: float = 0.1
-    max_eval_examples: int = 64
-    eval_every: int = 25
-    checkpoint_every: int = 25
-    seed: int = 0
-    chat_template: bool = True
-    device: str | None = None
-    resume: bool = False
-    keep_state: bool = False
-    progress: bool = True
-    stop_after: int | None = None  # stop (as if killed) after this many steps; for tests of --resume
-
-    def router_config(self, vocab_size: int) -> RouterConfig:
-        return RouterConfig(kind=self.kind, vocab_size=vocab_size, k=self.k, source=self.source,
-                            embed_dim=self.embed_dim, hidden_dim=self.hidden_dim, init_bias=self.init_bias)
+    # model folders (CLI); unused when train_router is given logit sources directly
+    base: str = arg("", "base model folder (frozen)", required=True)
+    reward: str = arg("", "reward model folder (frozen; same tokenizer)", required=True)
+    data: list[str] = arg(factory=list, required=True,
+                          help="solutions file: prompt/solution or Math-Step-DPO (full_chosen); repeatable")
+    pairs: list[str] = arg(factory=list, help="Math-Step-DPO pairs for the preference term; repeatable")
+    out: str = arg("", "output folder (the router checkpoint; logs and state go to OUT/train/)", required=True)
+    examples: ExampleConfig = field(default_factory=ExampleConfig)
+    pref_weight: float = arg(0.0, "weight of the preference term on the mix (0 = NLL only)")
+    pref_beta: float = arg(0.05, "beta of the preference term")
+    pref_batch_size: int = arg(2, "pairs per step for the preference term")
+    max_eval_examples: int = arg(64, "held-out solutions per evaluation")
+    router: RouterConfig = field(default_factory=router_spec)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
 
 @dataclass
@@ -148,7 +137,7 @@ def preference_loss(router: Router, inp: RouterInputs, pairs: Sequence[PairExamp
     lp = -mixed_nll(zb, zr, _router_a(router, zb, zr), y)
     per_seq = torch.zeros(len(parts), device=lp.device).index_add(0, seq, lp)
     n = len(pairs)
-    return -F.logsigmoid(beta * (per_seq[:n] - per_seq[n:])).mean()
+    return pair_loss(per_seq[:n], per_seq[n:], beta)
 
 
 def _sweep_summary(tot: torch.Tensor, n: int) -> dict[str, Any]:
@@ -181,7 +170,14 @@ def evaluate(router: Router, inp: RouterInputs, examples: Sequence[Example], bat
     return ev, (_sweep_summary(sweep_tot, n) if sweep else None)
 
 
-# --- the loop ------------------------------------------------------------------------------------------------------
+# --- the trainer (the loop itself is router_training.loop) ----------------------------------------------------------
+
+def sized(spec: RouterConfig, vocab_size: int) -> RouterConfig:
+    """``spec`` at the models' vocabulary size (a spec naming another size is refused)."""
+    if spec.vocab_size not in (VOCAB_FROM_MODELS, vocab_size):
+        raise TrainingSetupError(f"router vocab_size {spec.vocab_size} is not the base model's {vocab_size}")
+    return spec.model_copy(update={"vocab_size": vocab_size})
+
 
 def train_router(cfg: RouterTrainConfig, inp: RouterInputs) -> RouterResult:
     """Train, evaluate against the best fixed a, checkpoint every N steps, resume, save the router checkpoint."""
@@ -189,88 +185,57 @@ def train_router(cfg: RouterTrainConfig, inp: RouterInputs) -> RouterResult:
     if not inp.train:
         raise DataError("no router training examples")
     out = Path(cfg.out).expanduser()
-    run = out / "train"
-    runtime.seed_everything(cfg.seed)
-    router = build_router(cfg.router_config(inp.vocab_size)).to(inp.device)
+    lc = cfg.loop
+    runtime.seed_everything(lc.seed)
+    rcfg = sized(cfg.router, inp.vocab_size)
+    router = build_router(rcfg).to(inp.device)
     router.train()
-    opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device")}
-
-    start, baseline = 0, None
-    if cfg.resume and checkpointing.has_state(run):
-        meta = checkpointing.load_state(run, router, opt, run_cfg)
-        start, baseline = meta["step"], meta["extra"].get("baseline")
-    log = runtime.MetricsLog(run / "metrics.jsonl", start if cfg.resume else None)
     held = list(inp.heldout)[: cfg.max_eval_examples]
+    extra: dict[str, Any] = {"baseline": None}  # the fixed-a sweep, measured once (the first evaluation)
 
-    def do_eval(step: int) -> dict[str, Any]:
-        nonlocal baseline
-        if not held:
-            return {}
-        ev, sweep = evaluate(router, inp, held, cfg.batch_size, sweep=baseline is None)
-        baseline = baseline or sweep
-        row = {"step": step, "split": "eval", **ev, "baseline_best_fixed_nll": baseline["best_fixed_nll"],
-               "best_fixed_a": baseline["best_fixed_a"]}
-        log.write(row)
-        return row
-
-    if start == 0:
-        do_eval(0)
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"router[{cfg.kind}]", disable=not cfg.progress,
-               dynamic_ncols=True)
-    step, ev = start, {}
-    while step < cfg.max_steps:
-        if cfg.stop_after is not None and step - start >= cfg.stop_after:
-            bar.close()
-            return RouterResult(router, out, step, {}, time.time() - t0, finished=False)
-        for g in opt.param_groups:
-            g["lr"] = runtime.lr_at(step, cfg.lr, cfg.warmup)
-        idx = batch_indices(len(inp.train), cfg.batch_size, step, cfg.seed)
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = batch_indices(len(inp.train), lc.batch_size, step, lc.seed)
         batch = collate([inp.train[i] for i in idx], inp.pad_id).to(inp.device)
         zb, zr, y, _ = scored_rows(inp.base, inp.reward, batch)
         a = _router_a(router, zb, zr)
         nll = mixed_nll(zb, zr, a, y).mean()
         loss = nll
-        row: dict[str, Any] = {"step": step + 1, "split": "train", "nll": float(nll.detach()),
-                               "mean_a": float(a.detach().mean())}
+        row = {"nll": float(nll.detach()), "mean_a": float(a.detach().mean())}
         if cfg.pref_weight > 0 and inp.pairs:
-            pidx = batch_indices(len(inp.pairs), cfg.pref_batch_size, step, cfg.seed + 1)
+            pidx = batch_indices(len(inp.pairs), cfg.pref_batch_size, step, lc.seed + 1)
             pref = preference_loss(router, inp, [inp.pairs[i] for i in pidx], cfg.pref_beta)
             loss = loss + cfg.pref_weight * pref
             row["pref_loss"] = float(pref.detach())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(router.parameters(), 1.0)
-        opt.step()
-        step += 1
-        row["loss"] = float(loss.detach())
-        if not math.isfinite(row["loss"]):
-            raise TrainingSetupError(f"router loss became {row['loss']} at step {step}; lower --lr")
-        log.write(row)
-        bar.update(1)
-        bar.set_postfix(nll=f"{row['nll']:.3f}", a=f"{row['mean_a']:.2f}")
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            ev = do_eval(step)
-        if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            checkpointing.save_state(run, router, opt, step, run_cfg, extra={"baseline": baseline})
-    bar.close()
+        return loss, row
 
-    train_rows = [r for r in log.rows if r["split"] == "train"]
-    tail = train_rows[-max(1, len(train_rows) // 10):]
-    summary = {
-        "steps": step, "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size, "max_len": cfg.max_len,
-        "pref_weight": cfg.pref_weight, "train_nll_last10pct": sum(r["nll"] for r in tail) / max(1, len(tail)),
-        "heldout": {k: ev.get(k) for k in ("nll", "mean_a", "tokens")} if ev else None,
-        "fixed_a_baseline": baseline, **inp.data_info,
-    }
-    router.eval()
-    save_router(out, router, tokenizer_fingerprint=inp.tokenizer_fingerprint, base_model=inp.base_model,
-                reward_model=inp.reward_model, training=summary)
-    runtime.plot_curves(log.rows, run / "curves.png", f"TARo router ({cfg.kind})",
-                        [("train", ["nll"]), ("eval", ["nll"]), ("eval", ["mean_a"])])
-    if not cfg.keep_state:
-        checkpointing.clear_state(run)
-    return RouterResult(router, out, step, ev, time.time() - t0)
+    def eval_fn(step: int) -> dict[str, Any]:
+        if not held:
+            return {}
+        ev, sweep = evaluate(router, inp, held, lc.batch_size, sweep=extra["baseline"] is None)
+        baseline = extra["baseline"] = extra["baseline"] or sweep
+        return {**ev, "baseline_best_fixed_nll": baseline["best_fixed_nll"], "best_fixed_a": baseline["best_fixed_a"]}
+
+    def finish(res: loop.LoopResult) -> None:
+        train_rows = [r for r in res.rows if r["split"] == "train"]
+        tail = train_rows[-max(1, len(train_rows) // 10):]
+        summary = {
+            "steps": res.steps, "seed": lc.seed, "lr": lc.lr, "batch_size": lc.batch_size,
+            "max_len": cfg.examples.max_len, "pref_weight": cfg.pref_weight,
+            "train_nll_last10pct": sum(r["nll"] for r in tail) / max(1, len(tail)),
+            "heldout": {k: res.eval.get(k) for k in ("nll", "mean_a", "tokens")} if res.eval else None,
+            "fixed_a_baseline": extra["baseline"], **inp.data_info,
+        }
+        router.eval()
+        save_router(out, router, tokenizer_fingerprint=inp.tokenizer_fingerprint, base_model=inp.base_model,
+                    reward_model=inp.reward_model, training=summary)
+        runtime.plot_curves(res.rows, out / "train" / "curves.png", f"TARo router ({rcfg.kind})",
+                            [("train", ["nll"]), ("eval", ["nll"]), ("eval", ["mean_a"])])
+
+    run_cfg = {k: v for k, v in configs.flat(replace(cfg, router=rcfg)).items() if k not in ("out", "device")}
+    res = loop.run(router, step_fn, eval_fn, lc, out / "train", run_cfg, name="router", desc=f"router[{rcfg.kind}]",
+                   postfix=lambda r: {"nll": f"{r['nll']:.3f}", "a": f"{r['mean_a']:.2f}"}, finish=finish,
+                   extra=extra)
+    return RouterResult(router, out, res.steps, res.eval, time.time() - t0, res.finished)
 
 
 # --- from model folders (the CLI) -----------------------------------------------------------------------------------
@@ -299,11 +264,11 @@ def prepare_inputs(cfg: RouterTrainConfig) -> RouterInputs:
             f"base {base_path} and reward {reward_path} have different tokenizers ({fp_base[:19]}... vs "
             f"{fp_reward[:19]}...); TARo mixes logits token by token, so both must share one tokenizer"
         )
-    device, dtype = runtime.pick_device(cfg.device)
+    device, dtype = runtime.pick_device(cfg.loop.device)
     base = runtime.load_causal_lm(base_path, device, dtype).eval().requires_grad_(False)
     reward = runtime.load_causal_lm(reward_path, device, dtype).eval().requires_grad_(False)
-    enc = Encoder(tok, cfg.max_len, cfg.chat_template)
-    train, held = split_by_group(solutions, cfg.heldout_fraction, cfg.seed)
+    enc = cfg.examples.encoder(tok)
+    train, held = split_by_group(solutions, cfg.examples.heldout_fraction, cfg.loop.seed)
     return RouterInputs(
         base=hf_logit_source(base), reward=hf_logit_source(reward), vocab_size=int(base.config.vocab_size),
         train=[enc.solution(s) for s in train], heldout=[enc.solution(s) for s in held], pad_id=enc.pad_id,

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from router_training.errors import TrainingSetupError
+from taro_vllm import envs
 
-from router_training.errors import TrainingSetupError  # noqa: E402
+envs.set_offline()
 
 
 def pick_device(device: str | None) -> tuple[torch.device, torch.dtype]:

@@ -25,8 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from taro_vllm import envs
+
+envs.set_offline()
 
 MARKER = "taro_asset.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,13 +37,7 @@ class AssetError(RuntimeError):
     """An asset cannot be built here; the message says which package to install."""
 
 
-def cache_dir() -> Path:
-    """``$TARO_VLLM_CACHE``, else the user cache dir (``~/.cache/taro_vllm`` on Linux)."""
-    env = os.environ.get("TARO_VLLM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "taro_vllm"
+cache_dir = envs.cache_dir  # one source of truth for where assets and runs live (recipes ask it too)
 
 
 def models_dir() -> Path:

@@ -157,10 +157,12 @@ def load_router(
     expected_tokenizer_fingerprint: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    config: RouterCheckpointConfig | None = None,
 ) -> tuple[Router, RouterCheckpointConfig]:
-    """Load and validate a router checkpoint; returns the router in eval mode and its config."""
+    """Load and validate a router checkpoint; returns the router in eval mode and its config (``config``: the
+    checkpoint's config.json as :func:`read_config` already returned it, so it is not read twice)."""
     ckpt = Path(path)
-    cfg = read_config(ckpt)
+    cfg = config if config is not None else read_config(ckpt)
     cfg_file = ckpt / CONFIG_NAME
     if expected_vocab_size is not None and cfg.router.vocab_size != expected_vocab_size:
         raise CheckpointError(

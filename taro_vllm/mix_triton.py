@@ -7,9 +7,9 @@ them on a machine without a GPU (not yet measured on a GPU: see README).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from taro_vllm import envs
 
 try:  # Triton is optional: absent on CPU-only installs.
     import triton
@@ -22,7 +22,7 @@ except Exception:  # pragma: no cover - depends on the environment
 
 # Decided once, at import (as vLLM's sampler picks its top-k/top-p backend once): Triton importable and not turned off
 # with TARO_DISABLE_TRITON=1. Per call only the tensor's device is left to check.
-ENABLED = HAS_TRITON and os.environ.get("TARO_DISABLE_TRITON", "0") != "1"
+ENABLED = HAS_TRITON and not envs.triton_disabled()
 
 
 def available(t: torch.Tensor) -> bool:

@@ -1,17 +1,22 @@
-"""Resolve and validate a TARo setup (base model + router checkpoint + reward model) before any engine starts.
+"""Resolve and validate a TARo setup (base model + router checkpoint + reward model) once, into a typed TaroSetup.
 
-Used by ``taro-vllm serve`` (fail fast, before vLLM spends a minute starting) and again inside the vLLM model (so
-``vllm serve --hf-overrides ...`` and the offline ``LLM`` API get the same refusals). Every refusal names the file
-and the fix.
+``validate_setup`` reads every config, the router's weights and both tokenizers once and returns them; the vLLM model
+keeps the result. Called by ``taro-vllm serve`` / ``taro_llm`` (fail fast, before vLLM spends a minute starting) and
+by the model (so ``vllm serve --hf-overrides ...`` gets the same refusals): within one process the second call
+returns the first one's result while none of the files changed (the cache is keyed by every file's size and mtime).
+Every refusal names the file and the fix.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from taro_vllm.checkpoint import CheckpointError, load_router, read_config, tokenizer_fingerprint
+import torch
+
+from taro_vllm.checkpoint import (CheckpointError, RouterCheckpointConfig, load_router, read_config,
+                                  tokenizer_fingerprint)
 from taro_vllm.model_files import ModelFileError, check_model_folder
 
 
@@ -19,13 +24,17 @@ class TaroSetupError(ValueError):
     """A base / reward / router combination that cannot be served."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TaroSetup:
     base_path: str
     reward_path: str
     router_path: str
     vocab_size: int  # the served (base) vocabulary; the mix is over these columns
     tokenizer_fingerprint: str | None
+    router_config: RouterCheckpointConfig = field(repr=False)
+    router_state: dict[str, torch.Tensor] = field(repr=False)  # validated weights, on the host, as stored
+    base_config: dict = field(repr=False)  # config.json of each model
+    reward_config: dict = field(repr=False)
 
 
 def _config_json(path: Path, what: str) -> dict:
@@ -47,7 +56,8 @@ def _fingerprint(path: Path) -> str | None:
     return tokenizer_fingerprint(path)
 
 
-def resolve_reward_path(router_path: str | Path, reward_model: str | None) -> str:
+def resolve_reward_path(router_path: str | Path, reward_model: str | None,
+                        cfg: RouterCheckpointConfig | None = None) -> str:
     """The reward model to serve: the explicit override, else the one the router checkpoint names.
 
     A relative path in the checkpoint is read relative to the checkpoint folder (so a checkpoint and its reward
@@ -55,7 +65,7 @@ def resolve_reward_path(router_path: str | Path, reward_model: str | None) -> st
     """
     if reward_model:
         return str(Path(reward_model).expanduser())
-    cfg = read_config(router_path)
+    cfg = cfg if cfg is not None else read_config(router_path)
     if not cfg.reward_model:
         raise TaroSetupError(
             f"{Path(router_path) / 'config.json'} names no reward_model; pass --taro-reward-model PATH"
@@ -66,12 +76,42 @@ def resolve_reward_path(router_path: str | Path, reward_model: str | None) -> st
     return str(p)
 
 
+_RESOLVED: dict[tuple, tuple[tuple, TaroSetup]] = {}
+
+
+def _signature(*folders: Path) -> tuple:
+    """Name, size and mtime of every file in the folders: a changed, added or removed file changes it."""
+    sig = []
+    for folder in folders:
+        if folder.is_dir():
+            for f in sorted(folder.iterdir()):
+                st = f.stat()
+                sig.append((str(f), st.st_size, st.st_mtime_ns))
+        else:
+            sig.append((str(folder), None, None))
+    return tuple(sig)
+
+
 def validate_setup(base_path: str | Path, router_path: str | Path, reward_model: str | None = None) -> TaroSetup:
-    """Check that base, reward and router index the same tokens and that all three load; return the setup."""
-    base = Path(base_path).expanduser()
+    """Check that base, reward and router index the same tokens and that all three load; return the setup.
+
+    Resolved once per process for unchanged files (a refusal is never cached: the next call checks again)."""
+    base, router = Path(base_path).expanduser(), Path(router_path).expanduser()
+    key = (str(base), str(router), reward_model)
+    cached = _RESOLVED.get(key)
+    if cached is not None and cached[0] == _signature(base, router, Path(cached[1].reward_path)):
+        return cached[1]
+    setup = _resolve(base, router, reward_model)
+    entry = (_signature(base, router, Path(setup.reward_path)), setup)
+    # Also under the resolved reward path: the engine's model asks with the path taro_llm / taro-vllm serve resolved.
+    _RESOLVED[key] = _RESOLVED[(str(base), str(router), setup.reward_path)] = entry
+    return setup
+
+
+def _resolve(base: Path, router_path: Path, reward_model: str | None) -> TaroSetup:
     try:
         router_cfg = read_config(router_path)
-        reward = Path(resolve_reward_path(router_path, reward_model))
+        reward = Path(resolve_reward_path(router_path, reward_model, router_cfg))
     except CheckpointError as e:
         raise TaroSetupError(str(e)) from None
     if not reward.exists():
@@ -112,7 +152,10 @@ def validate_setup(base_path: str | Path, router_path: str | Path, reward_model:
             f"(fingerprint {router_cfg.tokenizer_fingerprint[:19]}... vs {fp_base[:19]}...)"
         )
     try:  # the weights too: a pickle, truncation, NaN or wrong shapes are refused here, before any engine starts
-        load_router(router_path, expected_vocab_size=vb, expected_tokenizer_fingerprint=fp_base)
+        router, _ = load_router(router_path, expected_vocab_size=vb, expected_tokenizer_fingerprint=fp_base,
+                                config=router_cfg)
     except CheckpointError as e:
         raise TaroSetupError(str(e)) from None
-    return TaroSetup(str(base), str(reward), str(router_path), vb, fp_base)
+    return TaroSetup(str(base), str(reward), str(router_path), vb, fp_base, router_config=router_cfg,
+                     router_state={k: v.detach() for k, v in router.state_dict().items()},
+                     base_config=base_cfg, reward_config=reward_cfg)

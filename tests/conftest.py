@@ -34,3 +34,33 @@ def taro_server_url(tiny_paths, tmp_path_factory):
             "--served-model-name", "taro", "--seed", "0"]
     with taro_server(args, tmp / "server.log") as (url, proc):
         yield url, proc
+
+
+# Engine-test fixtures, module-scoped (each module gets its own); a module on another pair overrides `pair`.
+@pytest.fixture(scope="module")
+def pair(tiny_paths):
+    """(base, reward): the tiny Llama pair."""
+    return tiny_paths["tiny-llama-base"], tiny_paths["tiny-llama-reward"]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    from engine_utils import prompts
+
+    return prompts(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def router_ckpt(pair, tmp_path_factory):
+    """A random (not freshly initialised) top-K router for the pair: a_t varies per token."""
+    from engine_utils import make_router
+
+    return make_router(tmp_path_factory.mktemp("router") / "ckpt", *pair)
+
+
+@pytest.fixture(scope="module")
+def reference(pair, prompt_ids, request):
+    """Stock vLLM's greedy output for each model of the pair, ``MAX_TOKENS`` of the requesting module."""
+    from engine_utils import plain_vllm_greedy
+
+    return plain_vllm_greedy([str(p) for p in pair], prompt_ids, max_tokens=request.module.MAX_TOKENS)

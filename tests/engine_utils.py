@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -48,37 +45,13 @@ def make_router(path: Path, base: Path, reward: Path, *, kind: str = "topk", std
                        reward_model=str(reward))
 
 
-REFERENCE_SCRIPT = r"""
-import json, sys
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
-if __name__ == "__main__":
-    spec = json.load(open(sys.argv[1]))
-    out = {}
-    for name in spec["models"]:
-        llm = LLM(model=name, dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0,
-                  enforce_eager=spec["eager"])
-        sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, logprobs=2, ignore_eos=True)
-        res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], sp, use_tqdm=False)
-        out[name] = [{"ids": list(r.outputs[0].token_ids),
-                      "top2": [[lp.logprob for lp in sorted(d.values(), key=lambda x: x.rank)][:2]
-                               for d in r.outputs[0].logprobs]} for r in res]
-        del llm
-    json.dump(out, open(sys.argv[2], "w"))
-"""
+def plain_vllm_greedy(models: list[str], prompt_ids: list[list[int]], *, max_tokens: int, dtype: str = "float32",
+                      eager: bool = False, max_model_len: int = 1024) -> dict:
+    """Greedy output of stock vLLM (no TARo; our plugin not even loaded) for each model, from a fresh process:
+    {model: [{"ids", "top2", "logprobs"} per prompt]}."""
+    from benchmarks.engine_run import in_fresh_process
 
-
-def plain_vllm_greedy(tmp: Path, models: list[str], prompt_ids: list[list[int]], *, max_tokens: int,
-                      dtype: str = "float32", eager: bool = False, max_model_len: int = 1024) -> dict:
-    """Greedy output of stock vLLM (no TARo) for each model, from a fresh process."""
-    spec = tmp / "spec.json"
-    spec.write_text(json.dumps({"models": models, "prompts": prompt_ids, "max_tokens": max_tokens,
-                                "dtype": dtype, "eager": eager, "max_model_len": max_model_len}))
-    script = tmp / "ref.py"
-    script.write_text(REFERENCE_SCRIPT)
-    out = tmp / "ref.json"
-    env = {**os.environ, **ENGINE_ENV, "VLLM_PLUGINS": "none"}  # stock vLLM: our plugin not even loaded
-    r = subprocess.run([sys.executable, str(script), str(spec), str(out)], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(out.read_text())
+    spec = {"worker": "greedy", "models": models, "prompts": prompt_ids, "max_tokens": max_tokens, "dtype": dtype,
+            "eager": eager, "max_model_len": max_model_len}
+    out = in_fresh_process(spec, env={**os.environ, **ENGINE_ENV, "VLLM_PLUGINS": "none"}, timeout=900)
+    return {name: runs["default"] for name, runs in out.items()}

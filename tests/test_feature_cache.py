@@ -7,7 +7,7 @@ import torch
 from router_training import feature_cache as fc
 from router_training import onpolicy, tawp
 from router_training.encoding import Encoder
-from router_training.router_fit import FitConfig, fit
+from router_training.router_fit import FitConfig, fit, fit_loop
 from router_training.router_trainer import hf_logit_source, mixed_nll
 from taro_vllm import mix
 from taro_vllm.checkpoint import load_router
@@ -66,8 +66,8 @@ def test_router_trained_on_the_cache_learns_where_to_trust_which_model(tmp_path)
     ex = [fc.Example(c, s, group=f"g{i}") for i, (c, s) in enumerate(chain_examples(80, 12, seed=0))]
     fc.build(tmp_path / "cache", synthetic_source(True), synthetic_source(False), ex, _Tok(), 0, 32,
              fc.CacheConfig(k=4), progress=False)
-    res = fit(FitConfig(cache=str(tmp_path / "cache"), out=str(tmp_path / "router"), steps=300, lr=3e-3,
-                        other_weight=1.0, batch_rows=256, eval_every=300, progress=False))
+    res = fit(FitConfig(cache=str(tmp_path / "cache"), out=str(tmp_path / "router"), other_weight=1.0,
+                        loop=fit_loop(max_steps=300, lr=3e-3, batch_size=256, eval_every=300, progress=False)))
     ev0, ev = res.report["eval_start"], res.report["eval"]
     assert abs(ev0["mean_a"] - 0.1) < 0.02  # starts near a = 0.1, not saturated
     assert ev["oracle_gain_over_best_fixed"] > 0.1 and res.report["gate_c"]["passed"]

@@ -83,9 +83,22 @@ def test_the_routing_core_imports_one_way(module, forbidden):
     assert not imported_names(MODULES[module]) & forbidden
 
 
-def test_assets_model_files_and_the_kernels_import_nothing_of_taro_vllm():
+def test_assets_model_files_and_the_kernels_import_nothing_of_taro_vllm_but_the_environment_table():
+    """envs.py (every environment variable, one table) is the bottom layer: it imports nothing of taro_vllm."""
+    assert not {n for n in imported_names(MODULES["taro_vllm.envs"]) if n.startswith("taro_vllm")}
     for m in ("taro_vllm.assets", "taro_vllm.model_files", "taro_vllm.mix_triton"):
-        assert not {n for n in imported_names(MODULES[m]) if n.startswith("taro_vllm")}, m
+        assert not {n for n in imported_names(MODULES[m]) if n.startswith("taro_vllm")} - {"taro_vllm", "taro_vllm.envs"}, m
+
+
+def test_the_environment_is_read_and_set_only_in_the_environment_table():
+    """No module but envs.py touches os.environ / os.getenv (subprocess env= copies aside): one table to read."""
+    for root in (PACKAGE, ROOT / "router_training", ROOT / "benchmarks"):
+        for path in sorted(root.rglob("*.py")):
+            if path.name == "envs.py":
+                continue
+            text = path.read_text()
+            for needle in ("os.environ.setdefault", "os.environ.get", "os.environ[", "os.getenv"):
+                assert needle not in text, f"{path}: {needle} (put it in taro_vllm/envs.py)"
 
 
 def test_only_serving_imports_vllm_and_nothing_imports_router_training():

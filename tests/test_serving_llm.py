@@ -3,37 +3,14 @@
 One TARo engine for the module; stock-vLLM references come from a separate process.
 """
 
-import math
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine_utils import ENGINE_ENV, make_router, plain_vllm_greedy, prompts  # noqa: F401  (sets engine env)
+import engine_utils  # noqa: F401  (sets the engine environment)
 
 pytestmark = pytest.mark.engine
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_paths):
-    return tiny_paths["tiny-llama-base"], tiny_paths["tiny-llama-reward"]
-
-
-@pytest.fixture(scope="module")
-def router_ckpt(pair, tmp_path_factory):
-    return make_router(tmp_path_factory.mktemp("router") / "ckpt", *pair)
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tokenizer):
-    return prompts(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def reference(pair, prompt_ids, tmp_path_factory):
-    return plain_vllm_greedy(tmp_path_factory.mktemp("ref"), [str(p) for p in pair], prompt_ids,
-                             max_tokens=MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def run(llm, prompt_ids, extra_args, logprobs=None):
 def test_qwen2_pair_a0_a1_and_fixed_half(llm, pair, prompt_ids, tmp_path):
     from taro_vllm.hf_generate import generate_mixed
 
-    ref = plain_vllm_greedy(tmp_path, [str(p) for p in pair], prompt_ids, max_tokens=MAX_TOKENS)
+    ref = plain_vllm_greedy([str(p) for p in pair], prompt_ids, max_tokens=MAX_TOKENS)
     base_out = [list(o.outputs[0].token_ids) for o in run(llm, prompt_ids, {"taro_mode": "base"})]
     reward_out = [list(o.outputs[0].token_ids) for o in run(llm, prompt_ids, {"taro_mode": "reward"})]
     assert base_out == [r["ids"] for r in ref[str(pair[0])]]

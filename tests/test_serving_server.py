@@ -7,26 +7,8 @@ import sys
 import httpx
 import pytest
 
-from engine_utils import plain_vllm_greedy, prompts
-
 pytestmark = pytest.mark.engine
 MAX_TOKENS = 20
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_paths):
-    return tiny_paths["tiny-llama-base"], tiny_paths["tiny-llama-reward"]
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tokenizer):
-    return prompts(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def reference(pair, prompt_ids, tmp_path_factory):
-    return plain_vllm_greedy(tmp_path_factory.mktemp("ref"), [str(p) for p in pair], prompt_ids,
-                             max_tokens=MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

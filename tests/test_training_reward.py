@@ -10,7 +10,8 @@ import torch
 
 from router_training.__main__ import main
 from router_training.data import StepPair, save_records
-from router_training.reward_trainer import RewardTrainConfig, train_reward, trained_weights
+from router_training.encoding import ExampleConfig
+from router_training.reward_trainer import RewardTrainConfig, reward_loop, train_reward, trained_weights
 
 
 def cue_pairs(n: int) -> list[StepPair]:
@@ -30,14 +31,17 @@ def pairs_file(tmp_path_factory):
     return save_records(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", cue_pairs(80))
 
 
-def small(tiny_paths, pairs_file, out, **kw) -> RewardTrainConfig:
-    base = dict(model=str(tiny_paths["tiny-llama-reward"]), data=[str(pairs_file)], out=str(out), lr=1e-3,
-                warmup=2, batch_size=8, max_len=32, heldout_fraction=0.25, chat_template=False, progress=False)
-    return RewardTrainConfig(**{**base, **kw})
+def small(tiny_paths, pairs_file, out, loop=None, heldout_fraction=0.25, **kw) -> RewardTrainConfig:
+    """A tiny run: ``kw`` overrides the reward model's settings, ``loop`` the shared loop's (steps, resume...)."""
+    base = dict(model=str(tiny_paths["tiny-llama-reward"]), data=[str(pairs_file)], out=str(out),
+                examples=ExampleConfig(max_len=32, heldout_fraction=heldout_fraction, chat_template=False))
+    return RewardTrainConfig(**{**base, **kw},
+                             loop=reward_loop(**{"lr": 1e-3, "warmup": 2, "batch_size": 8, "progress": False,
+                                                 **(loop or {})}))
 
 
 def test_reward_model_separates_heldout_pairs(tmp_path, tiny_paths, pairs_file):
-    res = train_reward(small(tiny_paths, pairs_file, tmp_path / "rm", max_steps=24, eval_every=24))
+    res = train_reward(small(tiny_paths, pairs_file, tmp_path / "rm", loop=dict(max_steps=24, eval_every=24)))
     rows = [json.loads(line) for line in (tmp_path / "rm" / "train" / "metrics.jsonl").open()]
     before = next(r for r in rows if r["split"] == "eval" and r["step"] == 0)
     assert before["pairwise_accuracy"] < 0.8, "the task must not be solved at init"
@@ -51,8 +55,8 @@ def test_reward_model_separates_heldout_pairs(tmp_path, tiny_paths, pairs_file):
 
 
 def test_lora_is_merged_into_a_plain_model(tmp_path, tiny_paths, pairs_file):
-    train_reward(small(tiny_paths, pairs_file, tmp_path / "lora", lora=True, lora_r=4, max_steps=2, eval_every=2,
-                       heldout_fraction=0.05))
+    train_reward(small(tiny_paths, pairs_file, tmp_path / "lora", lora=True, lora_r=4, heldout_fraction=0.05,
+                       loop=dict(max_steps=2, eval_every=2)))
     names = trained_weights(tmp_path / "lora").keys()
     assert not any("lora" in n for n in names), "adapters must be merged before saving"
     start = trained_weights(tiny_paths["tiny-llama-reward"])
@@ -61,11 +65,13 @@ def test_lora_is_merged_into_a_plain_model(tmp_path, tiny_paths, pairs_file):
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_paths, pairs_file):
-    common = dict(max_steps=4, checkpoint_every=2, eval_every=4, heldout_fraction=0.05)
-    whole = train_reward(small(tiny_paths, pairs_file, tmp_path / "whole", **common))
-    killed = train_reward(small(tiny_paths, pairs_file, tmp_path / "killed", stop_after=3, **common))
+    common = dict(max_steps=4, checkpoint_every=2, eval_every=4)
+    whole = train_reward(small(tiny_paths, pairs_file, tmp_path / "whole", heldout_fraction=0.05, loop=common))
+    killed = train_reward(small(tiny_paths, pairs_file, tmp_path / "killed", heldout_fraction=0.05,
+                                loop={**common, "stop_after": 3}))
     assert not killed.finished  # the state on disk is from step 2; step 3 is lost with the "kill"
-    resumed = train_reward(small(tiny_paths, pairs_file, tmp_path / "killed", resume=True, **common))
+    resumed = train_reward(small(tiny_paths, pairs_file, tmp_path / "killed", heldout_fraction=0.05,
+                                 loop={**common, "resume": True}))
     assert resumed.finished and resumed.steps == whole.steps == 4
     a, b = trained_weights(whole.model_dir), trained_weights(resumed.model_dir)
     assert a.keys() == b.keys()

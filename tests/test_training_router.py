@@ -17,7 +17,8 @@ from router_training.__main__ import main
 from router_training.data import Solution, save_records
 from router_training.encoding import collate
 from router_training.errors import TrainingSetupError
-from router_training.router_trainer import RouterInputs, RouterTrainConfig, scored_rows, train_router
+from router_training.loop import LoopConfig
+from router_training.router_trainer import RouterInputs, RouterTrainConfig, router_spec, scored_rows, train_router
 from taro_vllm.checkpoint import load_router, tokenizer_fingerprint
 
 V = 32
@@ -62,8 +63,9 @@ def synthetic_inputs() -> RouterInputs:
 @pytest.mark.parametrize("kind", ["topk", "full"])
 def test_router_learns_where_to_trust_each_model(tmp_path, kind):
     inp = synthetic_inputs()
-    cfg = RouterTrainConfig(out=str(tmp_path / kind), kind=kind, k=4, embed_dim=8, hidden_dim=32, lr=1e-2,
-                            batch_size=8, max_steps=120, eval_every=60, checkpoint_every=1000, progress=False)
+    cfg = RouterTrainConfig(out=str(tmp_path / kind), router=router_spec(kind=kind, k=4, embed_dim=8, hidden_dim=32),
+                            loop=LoopConfig(lr=1e-2, batch_size=8, max_steps=120, eval_every=60, checkpoint_every=1000,
+                                            progress=False))
     res = train_router(cfg, inp)
 
     batch = collate(list(inp.heldout), pad_id=0)
@@ -89,9 +91,10 @@ def test_preference_term_prefers_the_chain_over_a_wrong_continuation(tmp_path):
         pairs.append((prefix, step, prefix, [(t + 1) % V for t in step]))
     inp = synthetic_inputs()
     inp.pairs = pairs
-    cfg = RouterTrainConfig(out=str(tmp_path / "pref"), k=4, embed_dim=8, hidden_dim=16, lr=1e-2, batch_size=4,
-                            max_steps=30, pref_weight=1.0, pref_beta=0.5, pref_batch_size=4, eval_every=30,
-                            checkpoint_every=1000, progress=False)
+    cfg = RouterTrainConfig(out=str(tmp_path / "pref"), pref_weight=1.0, pref_beta=0.5, pref_batch_size=4,
+                            router=router_spec(k=4, embed_dim=8, hidden_dim=16),
+                            loop=LoopConfig(lr=1e-2, batch_size=4, max_steps=30, eval_every=30, checkpoint_every=1000,
+                                            progress=False))
     train_router(cfg, inp)
     rows = [json.loads(line) for line in (tmp_path / "pref" / "train" / "metrics.jsonl").open()]
     pref = [r["pref_loss"] for r in rows if r["split"] == "train"]
@@ -99,13 +102,16 @@ def test_preference_term_prefers_the_chain_over_a_wrong_continuation(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    common = dict(kind="topk", k=4, embed_dim=8, hidden_dim=16, lr=5e-3, batch_size=4, max_steps=12,
-                  eval_every=6, checkpoint_every=4, progress=False)
-    whole = train_router(RouterTrainConfig(out=str(tmp_path / "whole"), **common), synthetic_inputs())
+    def cfg(out, **loop):
+        return RouterTrainConfig(out=str(tmp_path / out), router=router_spec(k=4, embed_dim=8, hidden_dim=16),
+                                 loop=LoopConfig(lr=5e-3, batch_size=4, max_steps=12, eval_every=6, checkpoint_every=4,
+                                                 progress=False, **loop))
 
-    killed = train_router(RouterTrainConfig(out=str(tmp_path / "killed"), stop_after=6, **common), synthetic_inputs())
+    whole = train_router(cfg("whole"), synthetic_inputs())
+
+    killed = train_router(cfg("killed", stop_after=6), synthetic_inputs())
     assert not killed.finished and killed.steps == 6  # state on disk is from step 4; steps 5-6 are lost
-    resumed = train_router(RouterTrainConfig(out=str(tmp_path / "killed"), resume=True, **common), synthetic_inputs())
+    resumed = train_router(cfg("killed", resume=True), synthetic_inputs())
 
     assert resumed.finished and resumed.steps == 12
     for (name, w), (_, r) in zip(whole.router.state_dict().items(), resumed.router.state_dict().items()):
@@ -116,11 +122,13 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
-    common = dict(out=str(tmp_path / "r"), kind="topk", k=4, embed_dim=8, hidden_dim=16, batch_size=4,
-                  max_steps=6, checkpoint_every=2, progress=False)
-    train_router(RouterTrainConfig(lr=1e-3, stop_after=3, **common), synthetic_inputs())
+    def cfg(**loop):
+        return RouterTrainConfig(out=str(tmp_path / "r"), router=router_spec(k=4, embed_dim=8, hidden_dim=16),
+                                 loop=LoopConfig(batch_size=4, max_steps=6, checkpoint_every=2, progress=False, **loop))
+
+    train_router(cfg(lr=1e-3, stop_after=3), synthetic_inputs())
     with pytest.raises(TrainingSetupError, match="lr"):
-        train_router(RouterTrainConfig(lr=5e-3, resume=True, **common), synthetic_inputs())
+        train_router(cfg(lr=5e-3, resume=True), synthetic_inputs())
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from engine_utils import make_router
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-FEEDER = "taro_vllm.serving.requests:TaroLogitsProcessor"
+FEEDER = "taro_vllm.serving.rows:TaroLogitsProcessor"
 MAX_SEQS = 8
 
 
@@ -177,7 +177,7 @@ def test_v2_loader_accepts_the_options_class_and_it_never_touches_logits(vllm_co
     from vllm.v1.worker.gpu.sample.logits_processor import build_custom_logits_processors_params_validator
     from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_by_fqcns
 
-    from taro_vllm.serving.requests import TaroLogitsProcessor
+    from taro_vllm.serving.rows import TaroLogitsProcessor
 
     (cls,) = _load_v2_logitsprocs_by_fqcns([FEEDER])
     assert cls is TaroLogitsProcessor
@@ -281,7 +281,7 @@ def test_prompt_embeds_are_refused_by_vllms_model_state_check(vllm_config, model
 def test_row_state_places_its_buffers_explicitly():
     """vLLM builds the model under ``with torch.device(<gpu>)``; the row state must not follow that context: host
     tables on the host, the device buffer on the device asked for."""
-    from taro_vllm.serving.requests import RowState
+    from taro_vllm.serving.rows import RowState
 
     with torch.device("meta"):
         rows = RowState(4, math.nan, device="cpu")

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
+
+from taro_vllm import envs
 
 ARCH = "TaroForCausalLM"
 MODES = ("router", "fixed", "base", "reward")
-NO_WEIGHT_CHECK_ENV = "TARO_VLLM_NO_WEIGHT_CHECK"
+# Both runners: the V1 feeder and the V2 admission validator are one class (rows.py).
+FEEDER = "taro_vllm.serving.rows:TaroLogitsProcessor"
+WORKER_EXTENSION = "taro_vllm.serving.alphas.TaroWorkerExtension"  # dotted: vLLM's resolve_obj_by_qualname
+NO_WEIGHT_CHECK_ENV = envs.TARO_VLLM_NO_WEIGHT_CHECK
 
 # flag -> (hf_overrides key, argparse kwargs)
 TARO_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -79,8 +83,20 @@ def merge_hf_overrides(existing: Any, taro: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def engine_settings(taro: dict[str, Any], hf_overrides: Any = None, logits_processors: Any = None,
+                    worker_extension_cls: str | None = None) -> dict[str, Any]:
+    """TARo switched on in an engine, written once: the ``EngineArgs`` fields (``taro``: :func:`taro_overrides`
+    output, folded into the user's ``hf_overrides``; the feeder added to the user's logits processors; the a_t worker
+    extension unless the user set one). Applied to EngineArgs by the plugin's ``from_cli_args``, to ``LLM(...)``
+    kwargs by ``taro_llm``, and as argv by ``taro-vllm serve``."""
+    procs = list(logits_processors or [])
+    return {"hf_overrides": merge_hf_overrides(hf_overrides, taro),
+            "logits_processors": procs + ([FEEDER] if FEEDER not in procs else []),
+            "worker_extension_cls": worker_extension_cls or WORKER_EXTENSION}
+
+
 def weight_check_enabled(hf_config: Any) -> bool:
     """Whether TaroForCausalLM checks the weights it loads for NaN/inf (on unless the flag or the env var says no)."""
     if getattr(hf_config, "taro_no_weight_check", False):
         return False
-    return os.environ.get(NO_WEIGHT_CHECK_ENV, "").strip().lower() not in ("1", "true", "yes")
+    return not envs.weight_check_disabled()

@@ -17,32 +17,29 @@ never collide even when both models share one architecture and size.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from taro_vllm import mix
-from taro_vllm.checkpoint import load_router, read_config
 from taro_vllm.model_files import FiniteWeights, tensor_sources
 from taro_vllm.pairing import validate_setup
 from taro_vllm.router import build_router
 from taro_vllm.serving import alphas as alpha_recording
 from taro_vllm.serving.args import NO_WEIGHT_CHECK_ENV, weight_check_enabled
-from taro_vllm.serving.requests import RowState, engine_key, parse_options, register_rows
+from taro_vllm.serving.options import TaroDefaults
+from taro_vllm.serving.rows import RowState, register_rows
 
 logger = logging.getLogger("taro_vllm")
 
 
-def _original_architectures(base_path: str) -> list[str]:
-    cfg = Path(base_path) / "config.json"
-    archs = json.loads(cfg.read_text()).get("architectures") if cfg.is_file() else None
+def _original_architectures(setup) -> list[str]:
+    archs = setup.base_config.get("architectures")
     if not archs or archs == ["TaroForCausalLM"]:
-        raise ValueError(f"{cfg}: cannot tell the base model's architecture; serve a Hugging Face model folder")
+        raise ValueError(f"{setup.base_path}/config.json: cannot tell the base model's architecture; serve a Hugging "
+                         "Face model folder")
     return archs
 
 
@@ -60,10 +57,12 @@ class TaroForCausalLM(nn.Module):
         if not router_path:
             raise ValueError("TaroForCausalLM needs a router checkpoint: --taro-router CKPT "
                              "(or --hf-overrides '{\"taro_router\": CKPT}')")
+        # Resolved once per process: taro-vllm serve / taro_llm already did it when the engine runs in-process.
         self.setup = validate_setup(model_config.model, router_path, getattr(hf, "taro_reward_model", None))
+        self.defaults = TaroDefaults.from_hf_config(hf)  # refuses bad server defaults at start-up
 
         base_hf = copy.deepcopy(hf)
-        base_hf.architectures = _original_architectures(model_config.model)
+        base_hf.architectures = _original_architectures(self.setup)
         base_hf.taro_role = "base"
         reward_hf = get_config(self.setup.reward_path, trust_remote_code=model_config.trust_remote_code)
         reward_hf.taro_role = "reward"
@@ -81,20 +80,15 @@ class TaroForCausalLM(nn.Module):
         ]
         self.check_weights = weight_check_enabled(hf)  # NaN/inf check in load_weights
         # The router is tiny: keep it in fp32 whatever the served dtype, as it was trained.
-        self.router = build_router(read_config(router_path).router).float()
+        self.router = build_router(self.setup.router_config.router).float()  # weights: load_weights
         self.make_empty_intermediate_tensors = getattr(self.base, "make_empty_intermediate_tensors", None)
 
-        default_mode = getattr(hf, "taro_default_mode", None) or "router"
-        default_alpha = getattr(hf, "taro_default_alpha", None)
-        parse_options({"taro_mode": default_mode, **({"taro_alpha": default_alpha} if default_alpha is not None
-                                                      else {})})  # refuse bad server defaults at start-up
-        default_weight = {"router": math.nan, "base": 0.0, "reward": 1.0}.get(default_mode, default_alpha)
         # Explicit devices: host tables for the feeders, the device buffer on the model's device (never whatever
         # torch.device context vLLM builds the model under).
-        self.rows = RowState(vllm_config.scheduler_config.max_num_seqs, default_weight,
+        self.rows = RowState(vllm_config.scheduler_config.max_num_seqs, self.defaults.weight,
                              device=vllm_config.device_config.device)
         self.eos_token_id = getattr(hf, "eos_token_id", None)
-        register_rows(engine_key(vllm_config), self.rows)
+        register_rows(vllm_config, self.rows)  # where this engine's V1 feeder finds them (rows.py)
 
     # --- vLLM model interface -------------------------------------------------------------------------------
 
@@ -179,17 +173,15 @@ class TaroForCausalLM(nn.Module):
             finite.raise_if_any({**tensor_sources(self.setup.base_path, "base model"),
                                  **tensor_sources(self.setup.reward_path, "reward model", prefix="reward.")},
                                 fix=f"--taro-no-weight-check or {NO_WEIGHT_CHECK_ENV}=1 serves it anyway")
-        router, _ = load_router(self.setup.router_path, expected_vocab_size=self.setup.vocab_size,
-                                expected_tokenizer_fingerprint=self.setup.tokenizer_fingerprint)
-        state = router.state_dict()
+        # The router's weights were read and validated once, by validate_setup.
         with torch.no_grad():
             for name, p in self.router.named_parameters():
-                p.copy_(state[name].to(p.dtype))
+                p.copy_(self.setup.router_state[name].to(p.dtype))
         loaded |= {f"router.{n}" for n, _ in self.router.named_parameters()}
         return loaded
 
     def get_model_state_cls(self):
-        """vLLM's V2 GPU model runner asks the model for its per-request state (see model_state.py)."""
-        from taro_vllm.serving.model_state import TaroModelState
+        """vLLM's V2 GPU model runner asks the model for its per-request state (see rows.py)."""
+        from taro_vllm.serving.rows import TaroModelState
 
         return TaroModelState

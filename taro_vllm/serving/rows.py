@@ -1,18 +1,18 @@
-"""Per-request TARo options and the per-row override vector they become.
+"""The hand-off from a request to its batch row: the per-row weight table, and the feeders that fill it.
 
-A request chooses how its tokens are mixed through ``vllm_xargs`` (OpenAI API ``extra_body``) or
-``SamplingParams.extra_args``::
+vLLM never shows the model a request's ``SamplingParams``: ``compute_logits`` only sees one row of logits per running
+request. So each engine has one :class:`RowState` (made by the model, ``TaroForCausalLM.rows``), and a feeder writes
+every admitted request's weight (options.py) and trace id into its row before the step's forward pass:
 
-    {"taro_mode": "router"}                      the learned router (default)
-    {"taro_mode": "fixed", "taro_alpha": 0.3}    one weight for every token (GenARM); taro_alpha alone implies fixed
-    {"taro_mode": "base"}  /  {"taro_mode": "reward"}   one model alone (a = 0 / a = 1)
-    {"taro_trace": "my-id"}                      record a_t per token; fetch with GET /v1/taro/alphas/my-id
+* V1 model runner (CPU; GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``): :class:`TaroLogitsProcessor.update_state` follows
+  the persistent batch (removed, then added, then moved, as vLLM's ``BatchUpdate`` orders them). vLLM builds it
+  from the VllmConfig before the model exists, so it finds its engine's RowState in :data:`_ENGINES`, keyed by that
+  VllmConfig (the model registers there); two engines in one process never share rows.
+* V2 model runner (the GPU default in vLLM 0.32): :class:`TaroModelState`, which vLLM asks the model for
+  (``get_model_state_cls``), holds per-slot weights and lays them out in row order in ``prepare_inputs``; it has the
+  model, so it needs no registry. ``TaroLogitsProcessor`` there only validates options at admission.
 
-Each running request owns a row of the batch; the model reads one override per row (NaN = use the router) inside
-``compute_logits``, so the mix, the sampled token and the returned logprobs all agree. The rows are filled by the
-runner-specific feeder: :class:`TaroLogitsProcessor` on vLLM's V1 model runner (CPU, or GPU with
-``VLLM_USE_V2_MODEL_RUNNER=0``) and ``TaroModelState`` (model_state.py) on the V2 GPU runner. On both runners the
-options are validated at admission by :meth:`TaroLogitsProcessor.validate_params` (HTTP 400).
+The model consumes the rows with ``RowState.take`` inside ``compute_logits``.
 """
 
 from __future__ import annotations
@@ -21,90 +21,19 @@ import logging
 import math
 import sys
 import threading
-from typing import Any, Literal
+import weakref
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from taro_vllm.serving.args import MODES
+from taro_vllm.serving.options import TaroDefaults, options_or_default, parse_options
 
 logger = logging.getLogger("taro_vllm")
-
-XARG_KEYS = ("taro_mode", "taro_alpha", "taro_trace")
 
 # A traced row's key for the a_t recorder: (taro_trace, engine request id). The request id tells the n samples of one
 # request apart (each is its own engine request); None when the runner did not say (then they share one list).
 TraceKey = tuple[str, "str | None"]
-
-
-class TaroRequestOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    taro_mode: Literal["router", "fixed", "base", "reward"] | None = None
-    taro_alpha: float | None = None
-    taro_trace: str | None = None
-
-    @field_validator("taro_alpha", mode="before")
-    @classmethod
-    def _alpha_is_a_number(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"taro_alpha must be a number in [0, 1], got {v!r}")
-        if not (0.0 <= float(v) <= 1.0) or math.isnan(float(v)):
-            raise ValueError(f"taro_alpha must be in [0, 1], got {v!r}")
-        return float(v)
-
-    @field_validator("taro_trace", mode="before")
-    @classmethod
-    def _trace_is_a_short_id(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        if not isinstance(v, str) or not (0 < len(v) <= 128) or not v.isprintable():
-            raise ValueError("taro_trace must be a printable string of 1-128 characters")
-        return v
-
-    @model_validator(mode="after")
-    def _mode_and_alpha_agree(self) -> "TaroRequestOptions":
-        if self.taro_mode == "fixed" and self.taro_alpha is None:
-            raise ValueError('taro_mode "fixed" needs taro_alpha in [0, 1]')
-        if self.taro_mode in ("router", "base", "reward") and self.taro_alpha is not None:
-            raise ValueError(f'taro_alpha is only valid with taro_mode "fixed", not "{self.taro_mode}"')
-        return self
-
-    def weight(self, default_mode: str = "router", default_alpha: float | None = None) -> float:
-        """The row override: a weight in [0, 1], or NaN to use the router."""
-        mode = self.taro_mode or ("fixed" if self.taro_alpha is not None else default_mode)
-        if mode == "base":
-            return 0.0
-        if mode == "reward":
-            return 1.0
-        if mode == "fixed":
-            a = self.taro_alpha if self.taro_alpha is not None else default_alpha
-            if a is None:
-                raise ValueError('taro_mode "fixed" needs taro_alpha')
-            return float(a)
-        return math.nan
-
-
-def parse_options(extra_args: dict[str, Any] | None) -> TaroRequestOptions:
-    """Read the taro_* keys of ``SamplingParams.extra_args``; ValueError (HTTP 400) with a readable message."""
-    if not extra_args:
-        return TaroRequestOptions()
-    if not isinstance(extra_args, dict):
-        raise ValueError("vllm_xargs must be an object")
-    taro = {k: v for k, v in extra_args.items() if k.startswith("taro_")}
-    unknown = sorted(set(taro) - set(XARG_KEYS))
-    if unknown:
-        raise ValueError(f"unknown TARo option(s) {unknown}; valid: {list(XARG_KEYS)}")
-    if "taro_mode" in taro and taro["taro_mode"] not in MODES:
-        raise ValueError(f"taro_mode must be one of {list(MODES)}, got {taro['taro_mode']!r}")
-    try:
-        return TaroRequestOptions(**taro)
-    except ValidationError as e:
-        msgs = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
-        raise ValueError(msgs) from None
 
 
 def _pin_memory_available() -> bool:
@@ -215,21 +144,17 @@ class RowState:
         return dev, trace, self.needs_router
 
 
-# One engine per worker process; the model registers its RowState here and the feeder finds it.
-_ROWS: dict[str, RowState] = {}
+# engine (its VllmConfig, which vLLM hands to both the model and the V1 feeder) -> its RowState. Weak values: an
+# engine's rows go with its model.
+_ENGINES: "weakref.WeakValueDictionary[int, RowState]" = weakref.WeakValueDictionary()
 
 
-def register_rows(key: str, rows: RowState) -> None:
-    _ROWS[key] = rows
+def register_rows(vllm_config: Any, rows: RowState) -> None:
+    _ENGINES[id(vllm_config)] = rows
 
 
-def rows_for(key: str) -> RowState | None:
-    return _ROWS.get(key)
-
-
-def engine_key(vllm_config: Any) -> str:
-    """Key shared by the model and the feeder of one engine (both get the same VllmConfig)."""
-    return str(getattr(vllm_config.model_config, "model", ""))
+def rows_for(vllm_config: Any) -> RowState | None:
+    return _ENGINES.get(id(vllm_config))
 
 
 def _processor_bases() -> tuple[type, ...]:
@@ -250,7 +175,7 @@ class TaroLogitsProcessor(*_processor_bases()):  # type: ignore[misc]
     * ``validate_params`` (both runners) turns a bad option into a ``VLLMValidationError``: HTTP 400 online, a
       ``ValueError`` offline, before the request reaches the engine.
 
-    Passed with ``--logits-processors taro_vllm.serving.requests:TaroLogitsProcessor`` (``taro-vllm serve``,
+    Passed with ``--logits-processors taro_vllm.serving.rows:TaroLogitsProcessor`` (``taro-vllm serve``,
     ``vllm serve --taro-router`` and ``taro_llm`` add it; the model refuses to start without it). It is deliberately
     NOT registered as a ``vllm.logits_processors`` entry point: vLLM loads those for every model.
     """
@@ -261,15 +186,13 @@ class TaroLogitsProcessor(*_processor_bases()):  # type: ignore[misc]
 
     def __init__(self, vllm_config, *runner_args) -> None:
         # V1: (vllm_config, device, is_pin_memory); V2: (vllm_config, LogitsProcRequestState).
-        hf = vllm_config.model_config.hf_config
-        self.default_mode = getattr(hf, "taro_default_mode", None) or "router"
-        self.default_alpha = getattr(hf, "taro_default_alpha", None)
-        self.key = engine_key(vllm_config)
+        self.defaults = TaroDefaults.from_hf_config(vllm_config.model_config.hf_config)
+        self.vllm_config = vllm_config
         self.rows: RowState | None = None
 
     def _rows(self) -> RowState | None:
         if self.rows is None:
-            self.rows = rows_for(self.key)
+            self.rows = rows_for(self.vllm_config)
         return self.rows
 
     # --- V2 interface: validation only ---------------------------------------------------------------------------
@@ -300,8 +223,7 @@ class TaroLogitsProcessor(*_processor_bases()):  # type: ignore[misc]
                     rows.clear_row(i)
                 traced = False
                 for i, params, _prompt, _out in batch_update.added:
-                    weight, trace = options_or_default(params.extra_args, self.default_mode, self.default_alpha,
-                                                       rows.default_weight)
+                    weight, trace = options_or_default(params.extra_args, self.defaults)
                     rows.set_row(i, weight, (trace, None) if trace is not None else None)
                     traced |= trace is not None
                 from vllm.v1.sample.logits_processor import MoveDirectionality
@@ -350,18 +272,57 @@ def _name_traced_rows(rows: RowState, batch_size: int) -> None:
             rows.trace[i] = (key[0], req_ids[i])
 
 
-def options_or_default(extra_args: Any, default_mode: str, default_alpha: float | None,
-                       default_weight: float) -> tuple[float, str | None]:
-    """(weight, trace id) of a request, inside the engine: never raises.
+def _v2_default_model_state() -> type:
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-    Requests are validated at admission (``TaroLogitsProcessor.validate_params``); an option that still reaches the
-    engine invalid (a frontend without the validator) must not kill the engine with every in-flight request, so it
-    is logged and the request gets the server default.
+    return DefaultModelState
+
+
+class TaroModelState(_v2_default_model_state()):  # type: ignore[misc]
+    """The V2 runner's per-request state for TARo: per-slot weight and trace id, laid out in row order each step.
+
+    Host-device traffic per step: none from here (the slot -> row gather uses the runner's host copy
+    ``input_batch.idx_mapping_np``; ``RowState.take`` moves the weights with one non-blocking copy). ``add_request``
+    never raises: an exception there would kill EngineCore with every in-flight request (options were validated at
+    admission). Tested on CPU against the real V2 classes (tests/test_v2_runner.py); not yet run on a GPU.
     """
-    try:
-        opts = parse_options(extra_args)
-        return opts.weight(default_mode, default_alpha), opts.taro_trace
-    except Exception as e:  # noqa: BLE001 - any bad input: the engine keeps serving
-        logger.error("TARo: invalid per-request options %r reached the engine (%s); using the server default",
-                     extra_args, e)
-        return default_weight, None
+
+    # Both sub-models need token ids (the reward model has its own embedding table): refuse prompt embeddings at
+    # runner start-up (vLLM's init_model_state checks this flag) instead of failing in the profiling run.
+    supports_prompt_embeds = False
+
+    def __init__(self, vllm_config, model, encoder_cache, device):
+        super().__init__(vllm_config, model, encoder_cache, device)
+        self.defaults = TaroDefaults.from_hf_config(vllm_config.model_config.hf_config)
+        self.slot_weight = np.full((self.max_num_reqs,), model.rows.default_weight, dtype=np.float32)
+        self.slot_trace: list[tuple[str, str] | None] = [None] * self.max_num_reqs  # (taro_trace, request id)
+        self.slot_of: dict[str, int] = {}
+
+    def add_request(self, req_index: int, new_req_data) -> None:
+        super().add_request(req_index, new_req_data)
+        params = new_req_data.sampling_params
+        weight, trace = options_or_default(params.extra_args if params is not None else None, self.defaults)
+        self.slot_weight[req_index] = weight
+        # Keyed by request id too: with n > 1 each sample is its own request and gets its own list (alphas.py).
+        self.slot_trace[req_index] = (trace, new_req_data.req_id) if trace is not None else None
+        self.slot_of[new_req_data.req_id] = req_index
+
+    def remove_request(self, req_id: str) -> None:
+        super().remove_request(req_id)
+        slot = self.slot_of.pop(req_id, None)
+        if slot is not None:
+            self.slot_weight[slot] = self.model.rows.default_weight
+            self.slot_trace[slot] = None
+
+    def prepare_inputs(self, input_batch, req_states):
+        out = super().prepare_inputs(input_batch, req_states)
+        rows = self.model.rows
+        slots = np.asarray(input_batch.idx_mapping_np)[: input_batch.num_reqs]
+        n = int(slots.shape[0])
+        with rows.lock:
+            rows.ensure(n)
+            rows.override[:n] = self.slot_weight[slots]
+            for i, s in enumerate(slots.tolist()):
+                rows.trace[i] = self.slot_trace[s]
+            rows.begin_step(n)
+        return out

@@ -1,0 +1,131 @@
+"""Per-request TARo options: the ``taro_*`` keys of ``vllm_xargs`` / ``SamplingParams.extra_args``, and the server
+defaults a request without them gets. Pure (no vllm import): parsing, validation and the mode -> weight mapping.
+
+    {"taro_mode": "router"}                      the learned router (default)
+    {"taro_mode": "fixed", "taro_alpha": 0.3}    one weight for every token (GenARM); taro_alpha alone implies fixed
+    {"taro_mode": "base"}  /  {"taro_mode": "reward"}   one model alone (a = 0 / a = 1)
+    {"taro_trace": "my-id"}                      record a_t per token; fetch with GET /v1/taro/alphas/my-id
+
+How a request's weight reaches its batch row: ``rows.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from taro_vllm.serving.args import MODES
+
+logger = logging.getLogger("taro_vllm")
+
+XARG_KEYS = ("taro_mode", "taro_alpha", "taro_trace")
+
+
+class TaroRequestOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    taro_mode: Literal["router", "fixed", "base", "reward"] | None = None
+    taro_alpha: float | None = None
+    taro_trace: str | None = None
+
+    @field_validator("taro_alpha", mode="before")
+    @classmethod
+    def _alpha_is_a_number(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"taro_alpha must be a number in [0, 1], got {v!r}")
+        if not (0.0 <= float(v) <= 1.0) or math.isnan(float(v)):
+            raise ValueError(f"taro_alpha must be in [0, 1], got {v!r}")
+        return float(v)
+
+    @field_validator("taro_trace", mode="before")
+    @classmethod
+    def _trace_is_a_short_id(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, str) or not (0 < len(v) <= 128) or not v.isprintable():
+            raise ValueError("taro_trace must be a printable string of 1-128 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _mode_and_alpha_agree(self) -> "TaroRequestOptions":
+        if self.taro_mode == "fixed" and self.taro_alpha is None:
+            raise ValueError('taro_mode "fixed" needs taro_alpha in [0, 1]')
+        if self.taro_mode in ("router", "base", "reward") and self.taro_alpha is not None:
+            raise ValueError(f'taro_alpha is only valid with taro_mode "fixed", not "{self.taro_mode}"')
+        return self
+
+    def weight(self, default_mode: str = "router", default_alpha: float | None = None) -> float:
+        """The row override: a weight in [0, 1], or NaN to use the router."""
+        mode = self.taro_mode or ("fixed" if self.taro_alpha is not None else default_mode)
+        if mode == "base":
+            return 0.0
+        if mode == "reward":
+            return 1.0
+        if mode == "fixed":
+            a = self.taro_alpha if self.taro_alpha is not None else default_alpha
+            if a is None:
+                raise ValueError('taro_mode "fixed" needs taro_alpha')
+            return float(a)
+        return math.nan
+
+
+def parse_options(extra_args: dict[str, Any] | None) -> TaroRequestOptions:
+    """Read the taro_* keys of ``SamplingParams.extra_args``; ValueError (HTTP 400) with a readable message."""
+    if not extra_args:
+        return TaroRequestOptions()
+    if not isinstance(extra_args, dict):
+        raise ValueError("vllm_xargs must be an object")
+    taro = {k: v for k, v in extra_args.items() if k.startswith("taro_")}
+    unknown = sorted(set(taro) - set(XARG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown TARo option(s) {unknown}; valid: {list(XARG_KEYS)}")
+    if "taro_mode" in taro and taro["taro_mode"] not in MODES:
+        raise ValueError(f"taro_mode must be one of {list(MODES)}, got {taro['taro_mode']!r}")
+    try:
+        return TaroRequestOptions(**taro)
+    except ValidationError as e:
+        msgs = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise ValueError(msgs) from None
+
+
+class TaroDefaults(BaseModel):
+    """What a request that sets no ``taro_*`` option gets (``--taro-default-mode`` / ``--taro-default-alpha``), read
+    from the served model's HF config in this one place; bad defaults are refused (ValueError) at start-up."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mode: Literal["router", "fixed", "base", "reward"] = "router"
+    alpha: float | None = None
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> "TaroDefaults":
+        mode = getattr(hf_config, "taro_default_mode", None) or "router"
+        alpha = getattr(hf_config, "taro_default_alpha", None)
+        parse_options({"taro_mode": mode, **({"taro_alpha": alpha} if alpha is not None else {})})
+        return cls(mode=mode, alpha=alpha)
+
+    @property
+    def weight(self) -> float:
+        """The row weight of a request without options (NaN = the router)."""
+        return TaroRequestOptions().weight(self.mode, self.alpha)
+
+
+def options_or_default(extra_args: Any, defaults: TaroDefaults) -> tuple[float, str | None]:
+    """(weight, trace id) of a request, inside the engine: never raises.
+
+    Requests are validated at admission (``TaroLogitsProcessor.validate_params``); an option that still reaches the
+    engine invalid (a frontend without the validator) must not kill the engine with every in-flight request, so it
+    is logged and the request gets the server default.
+    """
+    try:
+        opts = parse_options(extra_args)
+        return opts.weight(defaults.mode, defaults.alpha), opts.taro_trace
+    except Exception as e:  # noqa: BLE001 - any bad input: the engine keeps serving
+        logger.error("TARo: invalid per-request options %r reached the engine (%s); using the server default",
+                     extra_args, e)
+        return defaults.weight, None
