@@ -14,6 +14,8 @@ Read when asked, never cached at import (tests and launchers change them), excep
                                                 the offline engines of recipes and benchmarks 2-4 (:func:`engine_defaults`)
     VLLM_ENABLE_V1_MULTIPROCESSING    set       "0" for offline engines: one process, fast start, a_t readable in-process
     VLLM_PLUGINS                      set       taro-vllm serve allow-lists the a_t endpoint plugin (``taro_alphas``)
+    VLLM_CACHE_ROOT                   set       by benchmarks.startup (in the server's environment): an empty
+                                                compile cache for a cold start
 """
 
 from __future__ import annotations

@@ -1,0 +1,101 @@
+"""Start-up time of `taro-vllm serve`: launch to the first ``/health`` 200, base alone vs TARo, cold vs warm.
+
+    python -m benchmarks.startup                  # the demo's models: SmolLM2 base alone, then TARo (base + reward)
+    python -m benchmarks.startup --eager          # the same with --enforce-eager
+
+Cold = vLLM's compile cache pointed at an empty folder (``VLLM_CACHE_ROOT``: what a new user's first start sees,
+minus building the SmolLM2 asset, ~25 s once); warm = the same start again on that now-filled cache. Each start is a
+fresh server process, one after the other; the base alone is ``taro-vllm serve BASE`` (no --taro-router: stock vLLM
+through the same console script). Writes startup.json / startup.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def time_to_health(args: list[str], cache_root: Path, log: Path, timeout: float = 1800) -> float:
+    """Seconds from launching ``taro-vllm serve ARGS`` to its first /health 200; the server is stopped after."""
+    port = _free_port()
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(cache_root)}  # the compile cache: empty = a cold start
+    cmd = [sys.executable, "-m", "taro_vllm.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - t0
+            except OSError:
+                pass
+            if time.perf_counter() - t0 > timeout:
+                raise RuntimeError(f"not ready after {timeout} s; see {log}")
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--eager", action="store_true", help="serve with --enforce-eager (no torch.compile)")
+    p.add_argument("--out", type=Path, default=ROOT / "results")
+    args = p.parse_args(argv)
+    from taro_vllm import assets
+    from taro_vllm.demo import demo_router
+
+    base = assets.build_smollm2()
+    router = demo_router(base)
+    common = ["--dtype", "float32", "--max-model-len", "2048"] + (["--enforce-eager"] if args.eager else [])
+    setups = {"base alone": [str(base), *common], "TARo": [str(base), "--taro-router", str(router), *common]}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="taro-startup-") as tmp:
+        for name, serve_args in setups.items():
+            cache = Path(tmp) / name.replace(" ", "-")  # each setup starts from its own empty cache
+            for kind in ("cold", "warm"):
+                s = time_to_health(serve_args, cache, Path(tmp) / f"{cache.name}-{kind}.log")
+                rows.append({"setup": name, "start": kind, "seconds": round(s, 1), "eager": args.eager})
+                print(f"{name:>10} {kind}: {s:.1f} s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "_eager" if args.eager else ""
+    (args.out / f"startup{suffix}.json").write_text(json.dumps({"base": str(base), "router": str(router),
+                                                                 "rows": rows}, indent=2) + "\n")
+    lines = [f"`taro-vllm serve` launch -> first /health 200 (eager={args.eager}); base `{base}`, router `{router}`.",
+             "", "| setup | cold (empty compile cache) | warm (same cache again) |", "|---|---:|---:|"]
+    for name in setups:
+        cold, warm = (next(r["seconds"] for r in rows if r["setup"] == name and r["start"] == k)
+                      for k in ("cold", "warm"))
+        lines.append(f"| {name} | {cold:.1f} s | {warm:.1f} s |")
+    (args.out / f"startup{suffix}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
