@@ -109,15 +109,14 @@ def post(url: str, path: str, body: dict) -> tuple[int, dict]:
 
 
 def serve_checks(base: Path, reward: Path, router: Path, logs: Path, env_extra: dict, label: str) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from server_utils import taro_server
+    from benchmarks.server_process import running_server
 
     prompt = PROMPT
     args = [str(base), "--taro-router", str(router), "--taro-reward-model", str(reward), "--max-model-len", "2048",
             "--served-model-name", "taro", "--gpu-memory-utilization", "0.5"]
     t0 = time.time()
     try:
-        with taro_server(args, logs / f"taro-{label}.log", env=env_extra, timeout=900) as (url, proc):
+        with running_server(args, logs / f"taro-{label}.log", env=env_extra, timeout=900) as (url, proc, _):
             check(f"[{label}] taro-vllm serve starts", True, f"{time.time() - t0:.0f} s")
             greedy = {"model": "taro", "prompt": prompt, "max_tokens": 16, "temperature": 0, "logprobs": 5}
             outs = {}

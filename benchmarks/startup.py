@@ -13,53 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+
+from benchmarks.server_process import running_server
 
 ROOT = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def time_to_health(args: list[str], cache_root: Path, log: Path, timeout: float = 1800) -> float:
     """Seconds from launching ``taro-vllm serve ARGS`` to its first /health 200; the server is stopped after."""
-    port = _free_port()
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(cache_root)}  # the compile cache: empty = a cold start
-    cmd = [sys.executable, "-m", "taro_vllm.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return time.perf_counter() - t0
-            except OSError:
-                pass
-            if time.perf_counter() - t0 > timeout:
-                raise RuntimeError(f"not ready after {timeout} s; see {log}")
-            time.sleep(0.5)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+    # VLLM_CACHE_ROOT is vLLM's compile cache: an empty folder makes a cold start.
+    with running_server(args, log, timeout=timeout, env={"VLLM_CACHE_ROOT": str(cache_root)}) as (_, _, seconds):
+        return seconds
 
 
 def main(argv: list[str] | None = None) -> int:

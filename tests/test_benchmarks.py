@@ -54,6 +54,6 @@ def test_online_serve_bench_rejects_unknown_mode_and_missing_server(tmp_path):
 
     with pytest.raises(SystemExit):
         serve_bench.main(["--modes", "sometimes", "--out", str(tmp_path)])
-    from server_utils import free_port
+    from benchmarks.server_process import free_port
 
     assert serve_bench.main(["--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path)]) == 2
