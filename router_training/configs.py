@@ -142,3 +142,8 @@ def flat(cfg: Any) -> dict[str, Any]:
         assert not clash, f"{type(cfg).__name__}: field(s) {sorted(clash)} appear twice once flattened"
         out.update(sub)
     return out
+
+
+def run_config(cfg: Any) -> dict[str, Any]:
+    """What a resumed run must match: every leaf field but where the run writes and which device it runs on."""
+    return {k: v for k, v in flat(cfg).items() if k not in ("out", "device")}

@@ -166,13 +166,9 @@ def train_reward(cfg: RewardTrainConfig) -> RewardResult:
         runtime.plot_curves(res.rows, out / "train" / "curves.png", "reward model (GenARM)",
                             [("train", ["loss", "pairwise_accuracy"]), ("eval", ["loss", "pairwise_accuracy"])])
 
-    res = loop.run(model, step_fn, eval_fn, cfg.loop, out / "train", _state_config(cfg), name="reward",
+    res = loop.run(model, step_fn, eval_fn, cfg.loop, out / "train", configs.run_config(cfg), name="reward",
                    postfix=lambda r: {"loss": f"{r['loss']:.3f}", "margin": f"{r['margin']:.2f}"}, finish=finish)
     return RewardResult(out, res.steps, res.eval, time.time() - t0, res.finished)
-
-
-def _state_config(cfg: RewardTrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in configs.flat(cfg).items() if k not in ("out", "device")}
 
 
 def _save_model(model, tok, out: Path, lora: bool) -> None:

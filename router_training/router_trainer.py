@@ -231,7 +231,7 @@ def train_router(cfg: RouterTrainConfig, inp: RouterInputs) -> RouterResult:
         runtime.plot_curves(res.rows, out / "train" / "curves.png", f"TARo router ({rcfg.kind})",
                             [("train", ["nll"]), ("eval", ["nll"]), ("eval", ["mean_a"])])
 
-    run_cfg = {k: v for k, v in configs.flat(replace(cfg, router=rcfg)).items() if k not in ("out", "device")}
+    run_cfg = configs.run_config(replace(cfg, router=rcfg))
     res = loop.run(router, step_fn, eval_fn, lc, out / "train", run_cfg, name="router", desc=f"router[{rcfg.kind}]",
                    postfix=lambda r: {"nll": f"{r['nll']:.3f}", "a": f"{r['mean_a']:.2f}"}, finish=finish,
                    extra=extra)
