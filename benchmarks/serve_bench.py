@@ -10,7 +10,10 @@ Each (mode, concurrency) point is one run of vLLM's serving benchmark (``vllm.be
 What vLLM's command lacks and this adds: the sweep over modes and concurrencies in one call, and one table
 (``serve_bench.json`` / ``serve_bench.md``) of output tokens/s, requests/s, TTFT and TPOT p50/p99. A mode is
 ``router`` (the learned router), ``fixed:A`` (GenARM weight A), ``base``, ``reward``, or ``none`` (send nothing:
-for a plain vLLM server).
+for a plain vLLM server); ``+alphas`` after a TARo mode also asks for each token's a_t in the streamed chunks
+(a server started with ``--taro-return-alphas``): what returning a_t costs is ``router+alphas`` next to ``router``.
+``--rounds R`` runs the whole sweep R times, interleaved, and reports each point's median output tok/s (the run
+with that median), so slow drift of a shared machine does not land on one mode.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ ROOT = Path(__file__).resolve().parent
 
 
 def mode_xargs(mode: str) -> dict | None:
-    if mode == "none":
+    mode, plus_alphas = mode.removesuffix("+alphas"), mode.endswith("+alphas")
+    if mode == "none" and not plus_alphas:
         return None
     if mode in ("router", "base", "reward"):
-        return {"taro_mode": mode}
-    if mode.startswith("fixed:"):
-        return {"taro_mode": "fixed", "taro_alpha": float(mode.split(":", 1)[1])}
-    raise ValueError(f"unknown mode {mode!r}: use router, fixed:A, base, reward or none")
+        xargs = {"taro_mode": mode}
+    elif mode.startswith("fixed:"):
+        xargs = {"taro_mode": "fixed", "taro_alpha": float(mode.split(":", 1)[1])}
+    else:
+        raise ValueError(f"unknown mode {mode!r}: use router, fixed:A, base, reward or none (+alphas: with a_t)")
+    return {**xargs, "taro_alphas": True} if plus_alphas else xargs
 
 
 def vllm_bench_args(url: str, model: str, tokenizer: str, mode: str, concurrency: int, n: int, input_len: int,
@@ -95,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="requests per sweep point")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--modes", nargs="+", default=["router"], help="router | fixed:A | base | reward | none")
+    p.add_argument("--modes", nargs="+", default=["router"],
+                   help="router | fixed:A | base | reward | none; a TARo mode + '+alphas': with a_t in the chunks")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the sweep, interleaved; report the median run")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
     for m in args.modes:
@@ -111,14 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = args.model or name, args.tokenizer or root
     report = {"url": args.url, "model": model, "max_tokens": args.max_tokens, "input_len": args.input_len,
               "tool": "vllm bench serve (vllm.benchmarks.serve)", "rows": []}
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(args.rounds):
+        for c in args.concurrency:
+            for mode in args.modes:
+                n = max(args.requests, c)
+                row = sweep_point(vllm_bench_args(args.url, model, tokenizer, mode, c, n, args.input_len,
+                                                  args.max_tokens), mode, c, n)
+                runs.setdefault((mode, c), []).append(row)
+                print(f"{mode:>10} c={c:<3} {row['tokens_per_s']:8.1f} tok/s  TTFT p50 "
+                      f"{1000 * row['ttft_p50_s']:7.0f} ms  TPOT p50 {1000 * row['tpot_p50_s']:6.1f} ms  "
+                      f"errors {row['errors']}", flush=True)
     for mode in args.modes:
         for c in args.concurrency:
-            n = max(args.requests, c)
-            row = sweep_point(vllm_bench_args(args.url, model, tokenizer, mode, c, n, args.input_len,
-                                              args.max_tokens), mode, c, n)
-            report["rows"].append(row)
-            print(f"{mode:>10} c={c:<3} {row['tokens_per_s']:8.1f} tok/s  TTFT p50 {1000 * row['ttft_p50_s']:7.0f} ms"
-                  f"  TPOT p50 {1000 * row['tpot_p50_s']:6.1f} ms  errors {row['errors']}", flush=True)
+            rows = sorted(runs[(mode, c)], key=lambda r: r["tokens_per_s"])
+            median = dict(rows[(len(rows) - 1) // 2])
+            median["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs[(mode, c)]]
+            median["errors"] = sum(r["errors"] for r in rows)
+            report["rows"].append(median)
+    report["rounds"] = args.rounds
     write_outputs(report, args.out)
     return 1 if any(r["errors"] for r in report["rows"]) else 0
 

@@ -23,7 +23,8 @@ def tokenizer(tiny_paths):
 
 @pytest.fixture(scope="session")
 def taro_server_url(tiny_paths, tmp_path_factory):
-    """One `taro-vllm serve` (tiny Llama pair, random router, compiled, fp32) shared by the server test modules."""
+    """One `taro-vllm serve` (tiny Llama pair, random router, compiled, fp32, a_t in responses allowed) shared by the
+    server test modules."""
     from engine_utils import make_router
     from server_utils import taro_server
 
@@ -31,7 +32,7 @@ def taro_server_url(tiny_paths, tmp_path_factory):
     base, reward = tiny_paths["tiny-llama-base"], tiny_paths["tiny-llama-reward"]
     router = make_router(tmp / "router", base, reward)
     args = [str(base), "--taro-router", str(router), "--dtype", "float32", "--max-model-len", "1024",
-            "--served-model-name", "taro", "--seed", "0"]
+            "--served-model-name", "taro", "--seed", "0", "--taro-return-alphas"]
     with taro_server(args, tmp / "server.log") as (url, proc):
         yield url, proc
 

@@ -4,10 +4,13 @@
   all-rows histogram (cheap: one ``histc`` over N numbers) and, only for requests that set ``taro_trace``, the
   per-token list, one per engine request: with ``n > 1`` each sample is its own engine request (vLLM's child id
   ``"{index}_{parent id}"``), so a trace holds one list per choice.
-* :class:`TaroWorkerExtension` (``--worker-extension-cls``) exposes the recorder to ``collective_rpc``.
+* :class:`TaroWorkerExtension` (``--worker-extension-cls``) exposes the recorder to ``collective_rpc``: a whole
+  trace once (the trace endpoint), or what is new since the last read (``taro_read_alphas``: the HTTP layer,
+  responses.py, puts a_t into responses while they stream).
 * :class:`TaroAlphaEndpoint` (``vllm.endpoint_plugins`` entry point ``taro_alphas``) adds
-  ``GET /v1/taro/alphas/{trace_id}`` to the OpenAI server and exports the histogram as ``taro_alpha`` on
-  ``/metrics``.
+  ``GET /v1/taro/alphas/{trace_id}`` to the OpenAI server, the live a_t page ``GET /taro`` (taro.html), the a_t of
+  each token in the responses themselves (responses.py, ``--taro-return-alphas``), and exports the histogram as
+  ``taro_alpha`` on ``/metrics``.
 """
 
 import asyncio
@@ -16,6 +19,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -57,6 +61,7 @@ class AlphaRecorder:
         self.max_traces = max_traces
         self.max_tokens = max_tokens
         self.traces: OrderedDict[str, dict[str | None, list[float]]] = OrderedDict()  # trace -> request -> a_t
+        self.read_upto: dict[str, dict[str | None, int]] = {}  # trace -> request -> entries already read
         self.bucket_counts = [0] * len(BUCKETS)
         self.count = 0
         self.total = 0.0
@@ -93,7 +98,7 @@ class AlphaRecorder:
                 if per_request is None:
                     per_request = self.traces[key] = {}
                     while len(self.traces) > self.max_traces:
-                        self.traces.popitem(last=False)
+                        self.read_upto.pop(self.traces.popitem(last=False)[0], None)
                 buf = per_request.get(request)
                 if buf is None:
                     buf = per_request[request] = []
@@ -122,6 +127,7 @@ class AlphaRecorder:
         ``{"choices": [{"index": i, "alphas": [...]}, ...]}`` (sorted by index) when several did (``n > 1``)."""
         with self.lock:
             per_request = self.traces.pop(key, None)
+            self.read_upto.pop(key, None)
         if per_request is None:
             return None
         if len(per_request) == 1:
@@ -129,6 +135,30 @@ class AlphaRecorder:
         indices = choice_indices(list(per_request))
         return {"choices": sorted(({"index": i, "alphas": a} for i, a in zip(indices, per_request.values())),
                                   key=lambda c: c["index"])}
+
+    def read_new(self, keys: list[str], forget: list[str] = ()) -> dict[str, dict[str, list[float]]]:
+        """What each trace recorded since the last ``read_new`` of it, by choice index (a string: the answer crosses
+        process boundaries; traces with nothing new are left out); then the ``forget`` traces are dropped. Reading
+        does not remove: the trace endpoint still returns a whole trace that was read."""
+        out: dict[str, dict[str, list[float]]] = {}
+        with self.lock:
+            for key in keys:
+                per_request = self.traces.get(key)
+                if not per_request:
+                    continue
+                upto = self.read_upto.setdefault(key, {})
+                new = {}
+                for index, (request, values) in zip(choice_indices(list(per_request)), per_request.items()):
+                    start = upto.get(request, 0)
+                    if len(values) > start:
+                        new[str(index)] = values[start:]
+                        upto[request] = len(values)
+                if new:
+                    out[key] = new
+            for key in forget:
+                self.traces.pop(key, None)
+                self.read_upto.pop(key, None)
+        return out
 
     def pop(self, key: str) -> list[float] | list[list[float]] | None:
         """A trace's a_t, removed: one list for one request, a list per choice (in index order) for ``n > 1``."""
@@ -152,6 +182,9 @@ class TaroWorkerExtension:
 
     def taro_pop_alphas(self, trace_id: str) -> dict | None:
         return RECORDER.pop_trace(trace_id)
+
+    def taro_read_alphas(self, keys: list[str], forget: list[str]) -> dict:
+        return RECORDER.read_new(keys, forget)
 
     def taro_alpha_stats(self) -> dict:
         return RECORDER.stats()
@@ -208,7 +241,7 @@ class TaroAlphaEndpoint:
 
     def attach_router(self, app) -> None:
         from fastapi import APIRouter, Request
-        from fastapi.responses import JSONResponse
+        from fastapi.responses import HTMLResponse, JSONResponse
 
         router = APIRouter()
 
@@ -227,13 +260,26 @@ class TaroAlphaEndpoint:
                                "code": 404}}, status_code=404)
             return {"trace_id": trace_id, **found}  # "alphas" (n = 1) or "choices" (n > 1)
 
+        page = (Path(__file__).parent / "taro.html").read_text()
+
+        @router.get("/taro", response_class=HTMLResponse, include_in_schema=False)
+        async def live_alphas_page():
+            return page  # the live a_t view (no external assets): streams a prompt, shades each token by its a_t
+
         app.include_router(router)
         _openai_style_http_errors(app)
+        from taro_vllm.serving.responses import ReturnAlphas
+
+        app.add_middleware(ReturnAlphas, settings=lambda scope: getattr(scope["app"].state, "taro_responses", None))
 
     async def init_state(self, engine_client, state, args) -> None:
         state.taro_engine_client = engine_client
         if engine_client is None:
             return
+        if getattr(engine_client.model_config.hf_config, "taro_router", None):
+            from taro_vllm.serving.responses import Settings
+
+            state.taro_responses = Settings.for_engine(engine_client)
         from vllm.v1.metrics.prometheus import get_prometheus_registry
 
         get_prometheus_registry().register(_prometheus_collector(self._snapshot))

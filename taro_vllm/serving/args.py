@@ -9,6 +9,7 @@ reach every vLLM process (API server, engine core, workers) as attributes of the
     --taro-default-mode MODE    -> {"taro_default_mode": MODE}
     --taro-default-alpha A      -> {"taro_default_alpha": A}
     --taro-no-weight-check      -> {"taro_no_weight_check": true}   (or TARO_VLLM_NO_WEIGHT_CHECK=1 in the environment)
+    --taro-return-alphas        -> {"taro_return_alphas": true}     (requests may ask for a_t in the response)
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ TARO_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         action="store_const", const=True, default=None,
         help=f"skip the NaN/inf check of the base and reward weights while they load (one reduction per tensor; "
              f"{NO_WEIGHT_CHECK_ENV}=1 does the same)")),
+    "--taro-return-alphas": ("taro_return_alphas", dict(
+        action="store_const", const=True, default=None,
+        help='allow requests to ask for each token\'s a_t in the response (vllm_xargs {"taro_alphas": true}): '
+             'per choice, in streaming chunks too, with a per-request summary in "metrics"')),
 }
 
 

@@ -5,6 +5,8 @@ defaults a request without them gets. Pure (no vllm import): parsing, validation
     {"taro_mode": "fixed", "taro_alpha": 0.3}    one weight for every token (GenARM); taro_alpha alone implies fixed
     {"taro_mode": "base"}  /  {"taro_mode": "reward"}   one model alone (a = 0 / a = 1)
     {"taro_trace": "my-id"}                      record a_t per token; fetch with GET /v1/taro/alphas/my-id
+    {"taro_alphas": true}                        a_t of each token in the response itself (server flag
+                                                 --taro-return-alphas; the HTTP layer, responses.py, sets taro_trace)
 
 How a request's weight reaches its batch row: ``rows.py``.
 """
@@ -21,7 +23,7 @@ from taro_vllm.serving.args import MODES
 
 logger = logging.getLogger("taro_vllm")
 
-XARG_KEYS = ("taro_mode", "taro_alpha", "taro_trace")
+XARG_KEYS = ("taro_mode", "taro_alpha", "taro_trace", "taro_alphas")
 
 
 class TaroRequestOptions(BaseModel):
@@ -30,6 +32,7 @@ class TaroRequestOptions(BaseModel):
     taro_mode: Literal["router", "fixed", "base", "reward"] | None = None
     taro_alpha: float | None = None
     taro_trace: str | None = None
+    taro_alphas: bool | None = None
 
     @field_validator("taro_alpha", mode="before")
     @classmethod
@@ -51,8 +54,20 @@ class TaroRequestOptions(BaseModel):
             raise ValueError("taro_trace must be a printable string of 1-128 characters")
         return v
 
+    @field_validator("taro_alphas", mode="before")
+    @classmethod
+    def _alphas_is_a_boolean(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"taro_alphas must be true or false, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _mode_and_alpha_agree(self) -> "TaroRequestOptions":
+        if self.taro_alphas and self.taro_trace is None:
+            # The HTTP layer (the taro_alphas endpoint plugin) turns taro_alphas into a trace it reads back; without
+            # it the request would come back without its a_t, silently.
+            raise ValueError("taro_alphas needs taro-vllm's HTTP layer (the taro_alphas endpoint plugin, which "
+                             "taro-vllm serve loads) and a server started with --taro-return-alphas")
         if self.taro_mode == "fixed" and self.taro_alpha is None:
             raise ValueError('taro_mode "fixed" needs taro_alpha in [0, 1]')
         if self.taro_mode in ("router", "base", "reward") and self.taro_alpha is not None:
