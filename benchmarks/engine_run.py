@@ -5,9 +5,9 @@
 
 A fresh process per engine: one engine at a time, its memory freed on exit, nothing left over in the caller.
 
-SPEC (this module's workers): {"worker": "throughput" | "greedy", "model": path, "router": ckpt or null (null = stock
-vLLM), "reward", "dtype", "max_model_len", "eager", "engine_kwargs": {...}, "max_tokens", "prompts": [[ids]...],
-"runs": [{"label": ..., "extra_args": {...}}, ...]}
+SPEC (this module's workers): {"worker": "throughput" | "greedy", "model": path, "router": ckpt, {name: ckpt} or
+null (null = stock vLLM), "reward", "dtype", "max_model_len", "eager", "engine_kwargs": {...}, "max_tokens",
+"prompts": [[ids]...], "runs": [{"label": ..., "extra_args": {...} or "extra_args_cycle": [{...}, ...]}, ...]}
 
 * throughput (+ "batch_sizes"): per run label and batch size, output tokens/s over the whole batch, TTFT and TPOT
   (p50/p99) from vLLM's per-request stats, and the process's peak RSS. EOS is ignored so every request makes
@@ -88,8 +88,10 @@ def throughput(spec: dict) -> dict:
     for run in spec["runs"]:
         for bs in spec["batch_sizes"]:
             batch = [TokensPrompt(prompt_token_ids=prompts[i % len(prompts)]) for i in range(bs)]
-            sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True,
-                                extra_args=run.get("extra_args"))
+            # "extra_args_cycle": request i gets entry i % len (e.g. rows of one batch on different routers)
+            cycle = run.get("extra_args_cycle") or [run.get("extra_args")]
+            sp = [SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True,
+                                 extra_args=cycle[i % len(cycle)]) for i in range(bs)]
             llm.generate(batch[: min(bs, 2)], SamplingParams(max_tokens=4, ignore_eos=True,
                                                              extra_args=run.get("extra_args")), use_tqdm=False)
             t = time.perf_counter()

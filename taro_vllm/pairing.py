@@ -159,3 +159,36 @@ def _resolve(base: Path, router_path: Path, reward_model: str | None) -> TaroSet
     return TaroSetup(str(base), str(reward), str(router_path), vb, fp_base, router_config=router_cfg,
                      router_state={k: v.detach() for k, v in router.state_dict().items()},
                      base_config=base_cfg, reward_config=reward_cfg)
+
+
+def _same_model(a: Path, b: Path) -> bool:
+    """One model in two places: the same folder, or copies (equal config.json, weight files of equal names and
+    sizes)."""
+    if a.resolve() == b.resolve():
+        return True
+
+    def files(p: Path) -> dict:
+        return {f.name: f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json")}
+
+    try:
+        return (json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+                and files(a) == files(b))
+    except (OSError, ValueError):
+        return False
+
+
+def validate_extra_router(setup: TaroSetup, router_path: str | Path) -> TaroSetup:
+    """Check another router for an engine already set up (``setup``): the same checks as the first router against
+    the engine's base and reward model, and the reward model it names (if any) must be the engine's."""
+    router_path = Path(router_path).expanduser()
+    try:
+        named = read_config(router_path).reward_model
+    except CheckpointError as e:
+        raise TaroSetupError(str(e)) from None
+    if named:
+        named_path = Path(resolve_reward_path(router_path, None))
+        if named_path.exists() and not _same_model(named_path, Path(setup.reward_path)):
+            raise TaroSetupError(
+                f"{router_path / 'config.json'}: this router was trained with the reward model {named_path}, but the "
+                f"engine serves {setup.reward_path}; all routers of one engine share its reward model")
+    return validate_setup(setup.base_path, router_path, setup.reward_path)

@@ -23,16 +23,19 @@ def tokenizer(tiny_paths):
 
 @pytest.fixture(scope="session")
 def taro_server_url(tiny_paths, tmp_path_factory):
-    """One `taro-vllm serve` (tiny Llama pair, random router, compiled, fp32, a_t in responses allowed) shared by the
-    server test modules."""
+    """One `taro-vllm serve` (tiny Llama pair, compiled, fp32) shared by the server test modules: two random routers
+    ("main", the default, and "alt"), two mode aliases (taro-base, taro-fixed-0.3), a_t in responses allowed."""
     from engine_utils import make_router
     from server_utils import taro_server
 
     tmp = tmp_path_factory.mktemp("server")
     base, reward = tiny_paths["tiny-llama-base"], tiny_paths["tiny-llama-reward"]
     router = make_router(tmp / "router", base, reward)
-    args = [str(base), "--taro-router", str(router), "--dtype", "float32", "--max-model-len", "1024",
-            "--served-model-name", "taro", "--seed", "0", "--taro-return-alphas"]
+    alt = make_router(tmp / "alt-router", base, reward, seed=1)
+    args = [str(base), "--taro-router", f"main={router}", "--taro-router", f"alt={alt}",
+            "--taro-model-alias", "taro-base=base", "--taro-model-alias", "taro-fixed-0.3=fixed:0.3",
+            "--dtype", "float32", "--max-model-len", "1024", "--served-model-name", "taro", "--seed", "0",
+            "--taro-return-alphas"]
     with taro_server(args, tmp / "server.log") as (url, proc):
         yield url, proc
 

@@ -70,7 +70,7 @@ def server():
         await asyncio.sleep(0)  # an RPC: other streams run meanwhile
         return recorder.read_new(keys, forget)
 
-    settings = Settings(AlphaFeed(read), enabled=True, router="math-router")
+    settings = Settings(AlphaFeed(read), enabled=True, default_router="math-router", routers={"math-router": "/ckpt"})
     return ReturnAlphas(app, settings=lambda scope: settings), app, recorder, settings
 
 

@@ -14,11 +14,19 @@ MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def llm(pair, router_ckpt):
+def second_router(pair, tmp_path_factory):
+    from engine_utils import make_router
+
+    return make_router(tmp_path_factory.mktemp("router2") / "ckpt", *pair, seed=1)
+
+
+@pytest.fixture(scope="module")
+def llm(pair, router_ckpt, second_router):
     from taro_vllm.serving.llm import taro_llm
 
-    engine = taro_llm(str(pair[0]), str(router_ckpt), dtype="float32", max_model_len=1024, seed=0,
-                      enforce_eager=False)
+    # Two routers in the engine; "main" (the fixture router) is the default every other test here uses.
+    engine = taro_llm(str(pair[0]), {"main": str(router_ckpt), "alt": str(second_router)}, dtype="float32",
+                      max_model_len=1024, seed=0, enforce_eager=False)
     yield engine
     del engine
 
@@ -176,3 +184,46 @@ def test_prompt_logprobs_are_the_server_default_mix_whatever_the_mode(llm, promp
         got = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
         assert len(got) == len(prompt) - 1
         assert max(abs(a - b) for a, b in zip(got, expected)) < 2e-3, xargs
+
+
+def traced(llm, prompt_ids, xargs, key):
+    from taro_vllm.serving.alphas import RECORDER
+
+    out = ids(generate(llm, prompt_ids, {**xargs, "taro_trace": key}, max_tokens=10))
+    return out, RECORDER.pop(key)
+
+
+def test_rows_of_one_batch_use_the_router_their_request_names(llm, prompt_ids):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from taro_vllm.serving.alphas import RECORDER
+
+    names = ["main", "alt", "alt", "main"]
+    alone = [traced(llm, [p], {"taro_router": n}, f"alone-{i}") for i, (p, n) in enumerate(zip(prompt_ids, names))]
+    assert traced(llm, prompt_ids[:1], {}, "default") == alone[0]  # no name: the default router, "main"
+    sps = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                          extra_args={"taro_router": n, "taro_trace": f"together-{i}"}) for i, n in enumerate(names)]
+    together = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sps, use_tqdm=False)
+    for i, out in enumerate(together):
+        assert list(out.outputs[0].token_ids) == alone[i][0]
+        assert RECORDER.pop(f"together-{i}") == pytest.approx(alone[i][1], abs=1e-5)
+    main_on_1 = traced(llm, prompt_ids[1:2], {"taro_router": "main"}, "main-1")[1]
+    assert max(abs(a - b) for a, b in zip(main_on_1, alone[1][1])) > 1e-3  # "alt" is really another router
+
+
+def test_routers_load_and_unload_at_run_time_and_bad_ones_are_refused(llm, prompt_ids, pair, second_router,
+                                                                      tmp_path):
+    from engine_utils import make_router
+
+    (problem,) = llm.collective_rpc("taro_load_router", args=("bad", str(tmp_path / "missing")))
+    assert "does not exist" in problem or "no config.json" in problem
+    wrong = make_router(tmp_path / "wrong", pair[0], pair[0], seed=3)  # trained with another reward model
+    (problem,) = llm.collective_rpc("taro_load_router", args=("wrong", str(wrong)))
+    assert "share its reward model" in problem
+    assert llm.collective_rpc("taro_load_router", args=("late", str(second_router))) == [None]
+    late = traced(llm, prompt_ids[:1], {"taro_router": "late"}, "late")
+    assert late == traced(llm, prompt_ids[:1], {"taro_router": "alt"}, "alt-again")  # same checkpoint as "alt"
+    assert llm.collective_rpc("taro_unload_router", args=("late",)) == [None]
+    assert "default router" in llm.collective_rpc("taro_unload_router", args=("main",))[0]
+    assert len(ids(generate(llm, prompt_ids[:1], max_tokens=3))[0]) == 3  # still serving

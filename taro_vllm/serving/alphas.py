@@ -177,8 +177,15 @@ class AlphaRecorder:
 RECORDER = AlphaRecorder()
 
 
-class TaroWorkerExtension:
-    """Mixed into vLLM's worker class (``--worker-extension-cls``) for ``collective_rpc`` calls."""
+def _router_rpc() -> type:
+    from taro_vllm.serving.routers_http import RouterRPC
+
+    return RouterRPC
+
+
+class TaroWorkerExtension(_router_rpc()):  # type: ignore[misc]
+    """Mixed into vLLM's worker class (``--worker-extension-cls``) for ``collective_rpc`` calls (a_t here; loading
+    and unloading routers: routers_http.RouterRPC)."""
 
     def taro_pop_alphas(self, trace_id: str) -> dict | None:
         return RECORDER.pop_trace(trace_id)
@@ -266,6 +273,9 @@ class TaroAlphaEndpoint:
         async def live_alphas_page():
             return page  # the live a_t view (no external assets): streams a prompt, shades each token by its a_t
 
+        from taro_vllm.serving import routers_http
+
+        routers_http.attach(router, lambda request: getattr(request.app.state, "taro_responses", None))
         app.include_router(router)
         _openai_style_http_errors(app)
         from taro_vllm.serving.responses import ReturnAlphas

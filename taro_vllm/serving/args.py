@@ -5,6 +5,9 @@ added to ``vllm serve`` by the plugin and accepted by ``taro-vllm serve``; both 
 reach every vLLM process (API server, engine core, workers) as attributes of the served model's HF config:
 
     --taro-router CKPT          -> {"architectures": ["TaroForCausalLM"], "taro_router": CKPT}
+    --taro-router NAME=CKPT ... -> also {"taro_routers": {NAME: CKPT, ...}}   (repeatable; the first is the default)
+    --taro-model-alias N=MODE   -> {"taro_model_aliases": {N: MODE}}  (repeatable; MODE: base, reward, router[:NAME],
+                                   fixed:A; "model": N picks that mode, for clients that cannot send vllm_xargs)
     --taro-reward-model PATH    -> {"taro_reward_model": PATH}
     --taro-default-mode MODE    -> {"taro_default_mode": MODE}
     --taro-default-alpha A      -> {"taro_default_alpha": A}
@@ -30,9 +33,11 @@ NO_WEIGHT_CHECK_ENV = envs.TARO_VLLM_NO_WEIGHT_CHECK
 # flag -> (hf_overrides key, argparse kwargs)
 TARO_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--taro-router": ("taro_router", dict(
-        metavar="CKPT", default=None,
+        metavar="[NAME=]CKPT", default=None, action="append",
         help="TARo router checkpoint folder (config.json + model.safetensors). Enables TARo: the reward model it "
-             "names is loaded into the same engine and every token is sampled from the router-mix.")),
+             "names is loaded into the same engine and every token is sampled from the router-mix. Repeat as "
+             "NAME=CKPT for several routers in one engine (the first is the default); a request picks one with "
+             "vllm_xargs.taro_router or by using NAME as its model")),
     "--taro-reward-model": ("taro_reward_model", dict(
         metavar="PATH", default=None,
         help="reward model folder; overrides the one named in the router checkpoint")),
@@ -46,6 +51,10 @@ TARO_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         action="store_const", const=True, default=None,
         help=f"skip the NaN/inf check of the base and reward weights while they load (one reduction per tensor; "
              f"{NO_WEIGHT_CHECK_ENV}=1 does the same)")),
+    "--taro-model-alias": ("taro_model_aliases", dict(
+        metavar="NAME=MODE", default=None, action="append",
+        help="serve a TARo mode under a model name of its own, e.g. taro-base=base, taro-fixed-0.3=fixed:0.3, "
+             "taro-math=router:math (repeatable; for clients that cannot send vllm_xargs)")),
     "--taro-return-alphas": ("taro_return_alphas", dict(
         action="store_const", const=True, default=None,
         help='allow requests to ask for each token\'s a_t in the response (vllm_xargs {"taro_alphas": true}): '
@@ -69,11 +78,60 @@ def taro_overrides(values: dict[str, Any]) -> dict[str, Any]:
         v = values.get(dest, values.get(key))
         if v is not None:
             out[key] = v
+    if "taro_router" in out:
+        from taro_vllm.serving.routers import parse_router_specs
+
+        routers = dict(values.get("taro_routers") or parse_router_specs(out["taro_router"]))
+        out["taro_router"] = next(iter(routers.values()))  # the default router: what one-router code reads
+        if len(routers) > 1 or next(iter(routers)) != _folder_name(out["taro_router"]):
+            out["taro_routers"] = routers
+    if "taro_model_aliases" in out:
+        out["taro_model_aliases"] = parse_model_aliases(out["taro_model_aliases"])
     if out and "taro_router" not in out:
         raise ValueError("--taro-reward-model/--taro-default-* need --taro-router CKPT")
     if out:
         out["architectures"] = [ARCH]
     return out
+
+
+def _folder_name(path: str) -> str:
+    from pathlib import Path
+
+    return Path(str(path).rstrip("/")).name
+
+
+def parse_model_aliases(values: list[str] | dict[str, str]) -> dict[str, str]:
+    """``NAME=MODE`` values -> ``{name: mode}``; MODE is base, reward, router, router:NAME or fixed:A."""
+    if isinstance(values, dict):
+        items = list(values.items())
+    else:
+        items = []
+        for v in values:
+            name, sep, mode = v.partition("=")
+            if not sep or not name:
+                raise ValueError(f"--taro-model-alias {v!r}: expected NAME=MODE, e.g. taro-base=base")
+            items.append((name, mode))
+    out = {}
+    for name, mode in items:
+        alias_xargs(mode)  # refuses a bad mode now, at start-up
+        out[name] = mode
+    return out
+
+
+def alias_xargs(mode: str) -> dict[str, Any]:
+    """The vllm_xargs a model alias stands for."""
+    if mode in ("base", "reward", "router"):
+        return {"taro_mode": mode}
+    if mode.startswith("router:") and mode[7:]:
+        return {"taro_mode": "router", "taro_router": mode[7:]}
+    if mode.startswith("fixed:"):
+        try:
+            a = float(mode[6:])
+        except ValueError:
+            a = -1.0
+        if 0.0 <= a <= 1.0:
+            return {"taro_mode": "fixed", "taro_alpha": a}
+    raise ValueError(f"model alias mode {mode!r}: use base, reward, router, router:NAME or fixed:A (A in [0, 1])")
 
 
 def merge_hf_overrides(existing: Any, taro: dict[str, Any]) -> dict[str, Any]:

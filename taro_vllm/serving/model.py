@@ -19,17 +19,19 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from taro_vllm import mix
 from taro_vllm.model_files import FiniteWeights, tensor_sources
-from taro_vllm.pairing import validate_setup
+from taro_vllm.pairing import validate_extra_router, validate_setup
 from taro_vllm.router import build_router
 from taro_vllm.serving import alphas as alpha_recording
 from taro_vllm.serving.args import NO_WEIGHT_CHECK_ENV, weight_check_enabled
 from taro_vllm.serving.options import TaroDefaults
+from taro_vllm.serving.routers import GroupedRouters, RouterSet
 from taro_vllm.serving.rows import RowState, register_rows
 
 logger = logging.getLogger("taro_vllm")
@@ -81,6 +83,13 @@ class TaroForCausalLM(nn.Module):
         self.check_weights = weight_check_enabled(hf)  # NaN/inf check in load_weights
         # The router is tiny: keep it in fp32 whatever the served dtype, as it was trained.
         self.router = build_router(self.setup.router_config.router).float()  # weights: load_weights
+        # More routers (--taro-router NAME=CKPT ...): checked like the first, built and loaded now (they are tiny and
+        # not submodules: routers can be loaded and unloaded at run time). Rows pick one by slot (routers.py).
+        names = dict(getattr(hf, "taro_routers", None) or {})
+        default_name = next(iter(names), None) or Path(str(router_path).rstrip("/")).name
+        self.routers = RouterSet(default_name, self.router)
+        for name, path in list(names.items())[1:]:
+            self.load_router(name, path)
         self.make_empty_intermediate_tensors = getattr(self.base, "make_empty_intermediate_tensors", None)
 
         # Explicit devices: host tables for the feeders, the device buffer on the model's device (never whatever
@@ -88,7 +97,30 @@ class TaroForCausalLM(nn.Module):
         self.rows = RowState(vllm_config.scheduler_config.max_num_seqs, self.defaults.weight,
                              device=vllm_config.device_config.device)
         self.eos_token_id = getattr(hf, "eos_token_id", None)
+        self.rows.router_slot_for = self._router_slot
         register_rows(vllm_config, self.rows)  # where this engine's V1 feeder finds them (rows.py)
+
+    # --- routers --------------------------------------------------------------------------------------------------
+
+    def load_router(self, name: str, path: str) -> None:
+        """Add a router (start-up or run time): checked against this engine's models, weights loaded, then made
+        visible to new requests. ValueError (a TaroSetupError) when it does not fit."""
+        setup = validate_extra_router(self.setup, path)
+        router = build_router(setup.router_config.router).float()
+        router.load_state_dict({k: v.float() for k, v in setup.router_state.items()})
+        device = next(self.router.parameters()).device
+        self.routers.add(name, router.to(device).eval(), str(path))
+
+    def unload_router(self, name: str) -> None:
+        self.routers.remove(name)
+
+    def _router_slot(self, name: str | None) -> int:
+        slot = self.routers.slot(name)
+        if slot < 0:  # unloaded after the request was admitted (admission checks names): the default serves it
+            logger.error("TARo: request asked for router %r, which is not loaded; it gets the default router %r",
+                         name, self.routers.default_name)
+            return 0
+        return slot
 
     # --- vLLM model interface -------------------------------------------------------------------------------
 
@@ -117,9 +149,10 @@ class TaroForCausalLM(nn.Module):
             return None
         z_reward = mix.align_vocab(z_reward, z_base)
         with self.rows.lock:
-            override, trace, needs_router = self.rows.take(z_base.shape[0], z_base.device)
+            override, trace, needs_router, groups = self.rows.take(z_base.shape[0], z_base.device)
         override, dead, broken = self._route_around_nonfinite(z_base, z_reward, override)
-        res = mix.route_and_mix(z_base, z_reward, router=self.router, override=override, needs_router=needs_router)
+        router = self.router if groups is None else GroupedRouters(self.routers, groups)
+        res = mix.route_and_mix(z_base, z_reward, router=router, override=override, needs_router=needs_router)
         logits = res.logits.masked_fill_(dead[:, None], float("-inf"))
         alpha = torch.where(dead, float("nan"), res.alpha)
         eos = self._eos_columns(logits.device)

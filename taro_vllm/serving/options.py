@@ -2,6 +2,7 @@
 defaults a request without them gets. Pure (no vllm import): parsing, validation and the mode -> weight mapping.
 
     {"taro_mode": "router"}                      the learned router (default)
+    {"taro_router": "math"}                      one of the engine's routers by name (routers.py); implies router
     {"taro_mode": "fixed", "taro_alpha": 0.3}    one weight for every token (GenARM); taro_alpha alone implies fixed
     {"taro_mode": "base"}  /  {"taro_mode": "reward"}   one model alone (a = 0 / a = 1)
     {"taro_trace": "my-id"}                      record a_t per token; fetch with GET /v1/taro/alphas/my-id
@@ -23,7 +24,7 @@ from taro_vllm.serving.args import MODES
 
 logger = logging.getLogger("taro_vllm")
 
-XARG_KEYS = ("taro_mode", "taro_alpha", "taro_trace", "taro_alphas")
+XARG_KEYS = ("taro_mode", "taro_alpha", "taro_trace", "taro_alphas", "taro_router")
 
 
 class TaroRequestOptions(BaseModel):
@@ -33,6 +34,7 @@ class TaroRequestOptions(BaseModel):
     taro_alpha: float | None = None
     taro_trace: str | None = None
     taro_alphas: bool | None = None
+    taro_router: str | None = None
 
     @field_validator("taro_alpha", mode="before")
     @classmethod
@@ -54,6 +56,15 @@ class TaroRequestOptions(BaseModel):
             raise ValueError("taro_trace must be a printable string of 1-128 characters")
         return v
 
+    @field_validator("taro_router", mode="before")
+    @classmethod
+    def _router_is_a_name(cls, v: Any) -> Any:
+        from taro_vllm.serving.routers import NAME
+
+        if v is not None and (not isinstance(v, str) or not NAME.match(v)):
+            raise ValueError(f"taro_router must be a router name (letters, digits, '.', '_', '-'), got {v!r}")
+        return v
+
     @field_validator("taro_alphas", mode="before")
     @classmethod
     def _alphas_is_a_boolean(cls, v: Any) -> Any:
@@ -72,6 +83,8 @@ class TaroRequestOptions(BaseModel):
             raise ValueError('taro_mode "fixed" needs taro_alpha in [0, 1]')
         if self.taro_mode in ("router", "base", "reward") and self.taro_alpha is not None:
             raise ValueError(f'taro_alpha is only valid with taro_mode "fixed", not "{self.taro_mode}"')
+        if self.taro_router is not None and (self.taro_mode not in (None, "router") or self.taro_alpha is not None):
+            raise ValueError('taro_router picks a router: it is only valid with taro_mode "router"')
         return self
 
     def weight(self, default_mode: str = "router", default_alpha: float | None = None) -> float:
@@ -130,8 +143,9 @@ class TaroDefaults(BaseModel):
         return TaroRequestOptions().weight(self.mode, self.alpha)
 
 
-def options_or_default(extra_args: Any, defaults: TaroDefaults) -> tuple[float, str | None]:
-    """(weight, trace id) of a request, inside the engine: never raises.
+def options_or_default(extra_args: Any, defaults: TaroDefaults) -> tuple[float, str | None, str | None]:
+    """(weight, trace id, router name or None for the default router) of a request, inside the engine: never
+    raises.
 
     Requests are validated at admission (``TaroLogitsProcessor.validate_params``); an option that still reaches the
     engine invalid (a frontend without the validator) must not kill the engine with every in-flight request, so it
@@ -139,8 +153,9 @@ def options_or_default(extra_args: Any, defaults: TaroDefaults) -> tuple[float, 
     """
     try:
         opts = parse_options(extra_args)
-        return opts.weight(defaults.mode, defaults.alpha), opts.taro_trace
+        mode_weight = opts.weight("router" if opts.taro_router else defaults.mode, defaults.alpha)
+        return mode_weight, opts.taro_trace, opts.taro_router
     except Exception as e:  # noqa: BLE001 - any bad input: the engine keeps serving
         logger.error("TARo: invalid per-request options %r reached the engine (%s); using the server default",
                      extra_args, e)
-        return defaults.weight, None
+        return defaults.weight, None, None

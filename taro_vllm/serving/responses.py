@@ -1,19 +1,22 @@
-"""a_t in the OpenAI responses themselves: per choice, in every streaming chunk, and a per-request summary.
+"""The HTTP layer in front of vLLM's ``/v1/completions`` and ``/v1/chat/completions``: model names that stand for
+routers or modes, and a_t in the responses themselves (per choice, in every streaming chunk, a per-request summary).
 
-A request opts in with ``vllm_xargs: {"taro_alphas": true}`` on a server started with ``--taro-return-alphas``.
-:class:`ReturnAlphas`, an ASGI middleware the ``taro_alphas`` endpoint plugin puts in front of vLLM's
-``/v1/completions`` and ``/v1/chat/completions``, then:
+:class:`ReturnAlphas`, an ASGI middleware the ``taro_alphas`` endpoint plugin installs:
 
-1. rewrites the request (:func:`plan_request`): it gets a trace id (its own ``taro_trace`` when set, so the trace
-   endpoint still answers for it, else a private one) and ``return_token_ids``, which makes vLLM put in every
-   choice and every chunk the ids of exactly the tokens it carries: that is what aligns a_t with tokens;
-2. annotates the response (:class:`Annotator`): each choice gets ``taro_alphas``, the a_t of its tokens, read from
-   the engine by :class:`AlphaFeed` (one ``collective_rpc`` serves every stream waiting at that moment); the last
-   message gets ``metrics.taro`` (mode, router, tokens, mean a, share of tokens with a > 0.5), vLLM's place for
-   per-request summaries. Token ids the client did not ask for are removed again.
+1. rewrites the request (:func:`plan_request`): a ``model`` naming a router (``--taro-router NAME=CKPT``) or a mode
+   alias (``--taro-model-alias``) becomes the served model plus the matching ``vllm_xargs``; an unknown
+   ``taro_router`` is a 400. A request with ``vllm_xargs: {"taro_alphas": true}`` (server flag
+   ``--taro-return-alphas``) gets a trace id (its own ``taro_trace`` when set, so the trace endpoint still answers
+   for it, else a private one) and ``return_token_ids``, which makes vLLM put in every choice and every chunk the ids
+   of exactly the tokens it carries: that is what aligns a_t with tokens;
+2. annotates the response (:class:`Annotator`): the model name the client used; each choice gets ``taro_alphas``,
+   the a_t of its tokens, read from the engine by :class:`AlphaFeed` (one ``collective_rpc`` serves every stream
+   waiting at that moment); the last message gets ``metrics.taro`` (mode, router, tokens, mean a, share of tokens
+   with a > 0.5), vLLM's place for per-request summaries. Token ids the client did not ask for are removed again.
 
-Everything else passes through untouched (a request body without the bytes ``taro_alphas`` is not even parsed).
-The engine side (recording a_t per traced row, ``taro_read_alphas``) is in alphas.py.
+Everything else passes through untouched (a body without ``taro_`` or a router / alias name is not even parsed).
+The engine side (recording a_t per traced row, ``taro_read_alphas``) is in alphas.py; loading routers in
+routers_http.py.
 """
 
 from __future__ import annotations
@@ -107,16 +110,18 @@ class AlphaFeed:
 
 @dataclass
 class Plan:
-    """One opted-in request: its rewritten body and what its response needs."""
+    """One request this layer changes: its rewritten body and what its response needs."""
 
     body: dict[str, Any]
-    key: str  # the trace id the engine records under
-    private: bool  # the key is ours (dropped in the engine afterwards), not the client's taro_trace
-    wants_token_ids: bool  # the client asked for return_token_ids itself
-    stream: bool
-    summary_base: dict[str, Any]  # mode / router of the metrics summary
+    alphas: bool  # a_t asked for (vllm_xargs.taro_alphas)
+    key: str | None = None  # the trace id the engine records a_t under
+    private: bool = False  # the key is ours (dropped in the engine afterwards), not the client's taro_trace
+    wants_token_ids: bool = False  # the client asked for return_token_ids itself
+    model_alias: str | None = None  # the model name the client used (a router or alias), restored in the response
+    router: str | None = None  # the named router this request uses (counted while in flight: no unload meanwhile)
+    summary_base: dict[str, Any] = field(default_factory=dict)  # mode / router of the metrics summary
     sent: dict[int, int] = field(default_factory=dict)  # choice index -> tokens annotated so far
-    alphas: list[float] = field(default_factory=list)  # every a_t sent, for the summary
+    values: list[float] = field(default_factory=list)  # every a_t sent, for the summary
     missing: int = 0  # tokens whose a_t the engine did not have
 
 
@@ -126,26 +131,59 @@ def _prompt_count(prompt: Any) -> int:
     return 1
 
 
-def plan_request(body: Any, path: str, *, enabled: bool, default_mode: str, router: str | None) -> Plan | None:
-    """The rewrite of a request that asks for a_t (None: it does not; vLLM answers it as it is)."""
-    xargs = body.get("vllm_xargs") if isinstance(body, dict) else None
-    if not isinstance(xargs, dict) or xargs.get(OPT_IN) is not True:
-        return None  # absent or false; a non-boolean is refused by the options validator with the other options
-    if not enabled:
+def plan_request(body: Any, path: str, settings: "Settings") -> Plan | None:
+    """The rewrite of a request (None: it needs none; vLLM answers it as it is).
+
+    * ``"model"`` naming a router or a mode alias: the served model, with the router / mode put in vllm_xargs;
+    * ``vllm_xargs.taro_router`` must name a loaded router (else 400, listing them);
+    * ``vllm_xargs.taro_alphas``: a trace and the token ids that align a_t with tokens.
+    """
+    if not isinstance(body, dict):
+        return None
+    xargs = body.get("vllm_xargs")
+    xargs = dict(xargs) if isinstance(xargs, dict) else ({} if xargs is None else None)
+    if xargs is None:
+        return None  # not an object: vLLM refuses it
+    model = body.get("model")
+    alias = None
+    if isinstance(model, str) and model in settings.routers and model != settings.base_model:
+        alias, xargs = model, {**xargs, "taro_router": model}
+        xargs.setdefault("taro_mode", "router")
+    elif isinstance(model, str) and model in settings.aliases:
+        from taro_vllm.serving.args import alias_xargs
+
+        alias, xargs = model, {**xargs, **alias_xargs(settings.aliases[model])}
+    router = xargs.get("taro_router")
+    if isinstance(router, str) and router not in settings.routers:
+        raise BadRequest(f"taro_router {router!r} is not loaded on this server; loaded: {sorted(settings.routers)}")
+    wants_alphas = xargs.get(OPT_IN) is True  # a non-boolean is refused by the options validator (HTTP 400)
+    if alias is None and not wants_alphas and not isinstance(router, str):
+        return None
+    new_body = {**body, "vllm_xargs": xargs}
+    plan = Plan(new_body, wants_alphas, model_alias=alias,
+                router=router if isinstance(router, str) and router != settings.default_router else None)
+    if alias is not None:
+        new_body["model"] = settings.base_model
+    if not wants_alphas:
+        return plan
+    if not settings.enabled:
         raise BadRequest("this server does not return a_t in responses: start it with --taro-return-alphas "
                          "(GET /v1/taro/alphas/{taro_trace} works without it)")
     if path == "/v1/completions" and _prompt_count(body.get("prompt")) > 1:
         raise BadRequest(f"taro_alphas takes one prompt per request; this one has {_prompt_count(body['prompt'])} "
                          "(send them as separate requests)")
     trace = xargs.get("taro_trace")
-    private = not isinstance(trace, str)
-    key = f"{PRIVATE_TRACE_PREFIX}{uuid.uuid4().hex}" if private else trace
-    mode = xargs.get("taro_mode") or ("fixed" if "taro_alpha" in xargs else default_mode)
-    summary: dict[str, Any] = {"mode": mode, "router": router if mode == "router" else None}
+    plan.private = not isinstance(trace, str)
+    plan.key = f"{PRIVATE_TRACE_PREFIX}{uuid.uuid4().hex}" if plan.private else trace
+    mode = xargs.get("taro_mode") or ("fixed" if "taro_alpha" in xargs else settings.default_mode)
+    plan.summary_base = {"mode": mode, "router": (router if isinstance(router, str) else settings.default_router)
+                         if mode == "router" else None}
     if mode == "fixed":
-        summary["alpha"] = xargs.get("taro_alpha")
-    new_body = {**body, "vllm_xargs": {**xargs, "taro_trace": key}, "return_token_ids": True}
-    return Plan(new_body, key, private, bool(body.get("return_token_ids")), bool(body.get("stream")), summary)
+        plan.summary_base["alpha"] = xargs.get("taro_alpha")
+    new_body["vllm_xargs"] = {**xargs, "taro_trace": plan.key}
+    new_body["return_token_ids"] = True
+    plan.wants_token_ids = bool(body.get("return_token_ids"))
+    return plan
 
 
 class Annotator:
@@ -157,6 +195,10 @@ class Annotator:
 
     async def choices(self, obj: dict[str, Any]) -> None:
         plan = self.plan
+        if plan.model_alias is not None and "model" in obj:
+            obj["model"] = plan.model_alias  # the name the client asked for, as vLLM does for its own names
+        if not plan.alphas:
+            return
         for choice in obj.get("choices") or ():
             ids = choice.get("token_ids")
             if not isinstance(ids, list):
@@ -168,7 +210,7 @@ class Annotator:
             if alphas is None:
                 plan.missing += len(ids)
             else:
-                plan.alphas.extend(alphas)
+                plan.values.extend(alphas)
             choice[OPT_IN] = alphas
             if not plan.wants_token_ids:
                 choice.pop("token_ids", None)
@@ -177,7 +219,7 @@ class Annotator:
             obj.pop("prompt_token_ids", None)
 
     def summary(self) -> dict[str, Any]:
-        a = self.plan.alphas
+        a = self.plan.values
         out = {**self.plan.summary_base, "num_tokens": len(a),
                "mean_alpha": sum(a) / len(a) if a else None,
                "share_alpha_above_half": sum(x > 0.5 for x in a) / len(a) if a else None}
@@ -186,6 +228,8 @@ class Annotator:
         return out
 
     def add_summary(self, obj: dict[str, Any]) -> None:
+        if not self.plan.alphas:
+            return
         metrics = obj.get("metrics")
         obj["metrics"] = {**(metrics if isinstance(metrics, dict) else {}), "taro": self.summary()}
 
@@ -217,7 +261,7 @@ class _SSE:
         return (await self._event(rest) if rest.strip() else b"") + self._summary_event()
 
     def _summary_event(self) -> bytes:
-        if self.summarised or not self.last:
+        if self.summarised or not self.last or not self.annotator.plan.alphas:
             return b""
         self.summarised = True
         chunk = {**self.last, "choices": []}
@@ -247,19 +291,27 @@ class _SSE:
 
 @dataclass
 class Settings:
-    """What the middleware needs from the running server (set by the endpoint plugin's ``init_state``)."""
+    """What this layer knows of the running server (made by the endpoint plugin's ``init_state``)."""
 
     feed: AlphaFeed
-    enabled: bool
+    enabled: bool = False  # --taro-return-alphas
     default_mode: str = "router"
-    router: str | None = None
+    default_router: str | None = None
+    routers: dict[str, str] = field(default_factory=dict)  # loaded routers: name -> checkpoint
+    aliases: dict[str, str] = field(default_factory=dict)  # --taro-model-alias: model name -> mode
+    base_model: str | None = None  # the served model name requests are rewritten to
+    in_flight: dict[str, int] = field(default_factory=dict)  # named router -> requests using it now
+
+    def names(self) -> list[bytes]:
+        """Model names this layer answers for (a body without any of them, and without "taro_", passes through)."""
+        return [n.encode() for n in (*self.routers, *self.aliases)]
 
     @classmethod
     def for_engine(cls, engine_client) -> "Settings":
         """From the served model's config (the --taro-* flags arrive there as hf_overrides in every process)."""
-        from pathlib import Path
-
+        from taro_vllm.serving.args import parse_model_aliases
         from taro_vllm.serving.options import TaroDefaults
+        from taro_vllm.serving.routers import parse_router_specs
 
         hf = engine_client.model_config.hf_config
 
@@ -270,9 +322,15 @@ class Settings:
                     merged.setdefault(key, per_choice)
             return merged
 
-        router = getattr(hf, "taro_router", None)
+        routers = dict(getattr(hf, "taro_routers", None) or parse_router_specs(getattr(hf, "taro_router", None)))
         return cls(AlphaFeed(read), enabled=bool(getattr(hf, "taro_return_alphas", False)),
-                   default_mode=TaroDefaults.from_hf_config(hf).mode, router=Path(router).name if router else None)
+                   default_mode=TaroDefaults.from_hf_config(hf).mode, default_router=next(iter(routers), None),
+                   routers=routers, aliases=parse_model_aliases(getattr(hf, "taro_model_aliases", None) or {}),
+                   base_model=_first(engine_client.model_config.served_model_name))
+
+
+def _first(name: str | list[str] | None) -> str | None:
+    return name[0] if isinstance(name, list) and name else (name or None)
 
 
 def _error(status: int, message: str) -> tuple[dict, bytes]:
@@ -293,12 +351,11 @@ class ReturnAlphas:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in ROUTES:
             return await self.app(scope, receive, send)
         body, disconnect = await _read_body(receive)
-        settings = self.settings(scope) if OPT_IN.encode() in body else None
+        settings = self.settings(scope)
         plan = None
-        if settings is not None:
+        if settings is not None and (b"taro_" in body or any(n in body for n in settings.names())):
             try:
-                plan = plan_request(json.loads(body), scope["path"], enabled=settings.enabled,
-                                    default_mode=settings.default_mode, router=settings.router)
+                plan = plan_request(json.loads(body), scope["path"], settings)
             except BadRequest as e:
                 start, payload = _error(400, str(e))
                 await send(start)
@@ -311,12 +368,18 @@ class ReturnAlphas:
         new_body = json.dumps(plan.body).encode()
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
         scope = {**scope, "headers": headers + [(b"content-length", str(len(new_body)).encode())]}
-        settings.feed.open(plan.key)
+        if plan.alphas:
+            settings.feed.open(plan.key)
+        if plan.router:
+            settings.in_flight[plan.router] = settings.in_flight.get(plan.router, 0) + 1
         try:
             await self.app(scope, _replay(new_body, disconnect, receive),
                            _AnnotatingSend(send, Annotator(plan, settings.feed)))
         finally:
-            settings.feed.close(plan.key, forget=plan.private)
+            if plan.alphas:
+                settings.feed.close(plan.key, forget=plan.private)
+            if plan.router:
+                settings.in_flight[plan.router] -= 1
 
 
 class _AnnotatingSend:

@@ -22,7 +22,7 @@ import math
 import sys
 import threading
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +34,15 @@ logger = logging.getLogger("taro_vllm")
 # A traced row's key for the a_t recorder: (taro_trace, engine request id). The request id tells the n samples of one
 # request apart (each is its own engine request); None when the runner did not say (then they share one list).
 TraceKey = tuple[str, "str | None"]
+
+
+class RowsStep(NamedTuple):
+    """What one step's rows ask of the model (``RowState.take``)."""
+
+    override: torch.Tensor | None  # [N] weights on the device, NaN = a router; None: every row uses a router
+    trace: list[TraceKey | None] | None  # per row: where to record its a_t (None: not a sampling call)
+    needs_router: bool  # some row uses a router
+    groups: list[tuple[int, torch.Tensor]] | None  # [(router slot, device row index)]; None: the default router only
 
 
 def _pin_memory_available() -> bool:
@@ -64,6 +73,9 @@ class RowState:
         self.default_weight = default_weight
         self.override = np.full((max_rows,), default_weight, dtype=np.float32)
         self.trace: list[TraceKey | None] = [None] * max_rows
+        self.router_slot = np.zeros((max_rows,), dtype=np.int64)  # the router of each row (routers.py; 0 = default)
+        self.router_slot_for = lambda name: 0  # router name -> slot; the model sets it to its RouterSet's
+        self._groups: list[tuple[int, np.ndarray]] | None = None
         self.num_rows = 0
         self.fresh = False
         self.needs_router = math.isnan(default_weight)
@@ -81,12 +93,14 @@ class RowState:
         if rows > self.override.shape[0]:
             extra = rows - self.override.shape[0]
             self.override = np.concatenate([self.override, np.full((extra,), self.default_weight, np.float32)])
+            self.router_slot = np.concatenate([self.router_slot, np.zeros((extra,), np.int64)])
             self.trace.extend([None] * extra)
 
-    def set_row(self, i: int, weight: float, trace: TraceKey | None) -> None:
+    def set_row(self, i: int, weight: float, trace: TraceKey | None, router_slot: int = 0) -> None:
         self.ensure(i + 1)
         self.override[i] = weight
         self.trace[i] = trace
+        self.router_slot[i] = router_slot
 
     def clear_row(self, i: int) -> None:
         self.set_row(i, self.default_weight, None)
@@ -95,9 +109,11 @@ class RowState:
         self.ensure(max(src, dst) + 1)
         if swap:
             self.override[[src, dst]] = self.override[[dst, src]]
+            self.router_slot[[src, dst]] = self.router_slot[[dst, src]]
             self.trace[src], self.trace[dst] = self.trace[dst], self.trace[src]
         else:
             self.override[dst] = self.override[src]
+            self.router_slot[dst] = self.router_slot[src]
             self.trace[dst] = self.trace[src]
 
     def begin_step(self, num_rows: int) -> None:
@@ -114,6 +130,13 @@ class RowState:
         nan = np.isnan(w)
         self.needs_router = bool(nan.any())
         self.all_router = bool(nan.all())
+        # Rows of one step may use different routers: one row index per router used (numpy, no loop over rows).
+        slots = self.router_slot[:num_rows]
+        used = np.unique(slots[nan]) if self.needs_router else ()
+        if len(used) == 0 or (len(used) == 1 and used[0] == 0):
+            self._groups = None
+        else:
+            self._groups = [(int(r), np.flatnonzero(nan & (slots == r))) for r in used]
 
     def _device_buffer(self, rows: int, device: torch.device) -> torch.Tensor:
         if self.device_override.device != device or self.device_override.numel() < rows:
@@ -122,9 +145,9 @@ class RowState:
                                               dtype=torch.float32, device=device)
         return self.device_override[:rows]
 
-    def take(self, rows: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor | None, list[TraceKey | None] | None, bool]:
-        """Overrides on ``device`` (None when nothing is overridden), trace ids, and whether the router must run.
+    def take(self, rows: int, device: torch.device | str = "cpu") -> RowsStep:
+        """Overrides on ``device`` (None when nothing is overridden), trace ids, whether a router must run, and which
+        rows use which router when they are not all the default one.
 
         Never reads from the device: the flags were computed on the host by ``begin_step``, and the overrides reach
         the device by one non-blocking copy from pinned memory. Trace ids are None for calls that are not a step's
@@ -133,15 +156,19 @@ class RowState:
         device = torch.device(device)
         if not self.fresh or rows != self.num_rows:
             if math.isnan(self.default_weight):
-                return None, None, True
-            return torch.full((rows,), self.default_weight, dtype=torch.float32, device=device), None, False
+                return RowsStep(None, None, True, None)
+            return RowsStep(torch.full((rows,), self.default_weight, dtype=torch.float32, device=device), None,
+                            False, None)
         self.fresh = False
         trace = self.trace[:rows]
+        groups = None
+        if self._groups is not None:
+            groups = [(slot, torch.from_numpy(idx).to(device, non_blocking=True)) for slot, idx in self._groups]
         if self.all_router:
-            return None, trace, True
+            return RowsStep(None, trace, True, groups)
         dev = self._device_buffer(rows, device)
         dev.copy_(self._staging[self._which][:rows], non_blocking=True)
-        return dev, trace, self.needs_router
+        return RowsStep(dev, trace, self.needs_router, groups)
 
 
 # engine (its VllmConfig, which vLLM hands to both the model and the V1 feeder) -> its RowState. Weak values: an
@@ -223,8 +250,8 @@ class TaroLogitsProcessor(*_processor_bases()):  # type: ignore[misc]
                     rows.clear_row(i)
                 traced = False
                 for i, params, _prompt, _out in batch_update.added:
-                    weight, trace = options_or_default(params.extra_args, self.defaults)
-                    rows.set_row(i, weight, (trace, None) if trace is not None else None)
+                    weight, trace, router = options_or_default(params.extra_args, self.defaults)
+                    rows.set_row(i, weight, (trace, None) if trace is not None else None, rows.router_slot_for(router))
                     traced |= trace is not None
                 from vllm.v1.sample.logits_processor import MoveDirectionality
 
@@ -295,14 +322,16 @@ class TaroModelState(_v2_default_model_state()):  # type: ignore[misc]
         super().__init__(vllm_config, model, encoder_cache, device)
         self.defaults = model.defaults  # read once, by the model
         self.slot_weight = np.full((self.max_num_reqs,), model.rows.default_weight, dtype=np.float32)
+        self.slot_router = np.zeros((self.max_num_reqs,), dtype=np.int64)
         self.slot_trace: list[tuple[str, str] | None] = [None] * self.max_num_reqs  # (taro_trace, request id)
         self.slot_of: dict[str, int] = {}
 
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
         params = new_req_data.sampling_params
-        weight, trace = options_or_default(params.extra_args if params is not None else None, self.defaults)
+        weight, trace, router = options_or_default(params.extra_args if params is not None else None, self.defaults)
         self.slot_weight[req_index] = weight
+        self.slot_router[req_index] = self.model.rows.router_slot_for(router)
         # Keyed by request id too: with n > 1 each sample is its own request and gets its own list (alphas.py).
         self.slot_trace[req_index] = (trace, new_req_data.req_id) if trace is not None else None
         self.slot_of[new_req_data.req_id] = req_index
@@ -312,6 +341,7 @@ class TaroModelState(_v2_default_model_state()):  # type: ignore[misc]
         slot = self.slot_of.pop(req_id, None)
         if slot is not None:
             self.slot_weight[slot] = self.model.rows.default_weight
+            self.slot_router[slot] = 0
             self.slot_trace[slot] = None
 
     def prepare_inputs(self, input_batch, req_states):
@@ -322,6 +352,7 @@ class TaroModelState(_v2_default_model_state()):  # type: ignore[misc]
         with rows.lock:
             rows.ensure(n)
             rows.override[:n] = self.slot_weight[slots]
+            rows.router_slot[:n] = self.slot_router[slots]
             for i, s in enumerate(slots.tolist()):
                 rows.trace[i] = self.slot_trace[s]
             rows.begin_step(n)

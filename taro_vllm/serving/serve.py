@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from taro_vllm import envs
-from taro_vllm.pairing import TaroSetupError, validate_setup
+from taro_vllm.pairing import TaroSetupError, validate_extra_router, validate_setup
 from taro_vllm.serving.args import FEEDER, add_taro_args, engine_settings, taro_overrides, weight_check_enabled
 
 ENDPOINT_PLUGIN = "taro_alphas"
@@ -127,11 +127,17 @@ def build_vllm_argv(argv: list[str]) -> list[str]:
     if base is None:
         raise TaroSetupError("taro-vllm serve needs the base model: taro-vllm serve BASE --taro-router CKPT")
     setup = validate_setup(base, taro["taro_router"], taro.get("taro_reward_model"))
+    routers = taro.get("taro_routers")
+    if routers:  # every other router checked against the same base and reward model, before vLLM starts
+        routers = {name: str(Path(validate_extra_router(setup, path).router_path).resolve()) if i else path
+                   for i, (name, path) in enumerate(routers.items())}
     _refuse_unsupported_engine_flags(rest, setup)
     if not taro.get("taro_no_weight_check") and weight_check_enabled(None):
         _refuse_nonfinite_weights(setup)
     taro["taro_router"] = str(Path(setup.router_path).resolve())
     taro["taro_reward_model"] = str(Path(setup.reward_path).resolve())
+    if routers:
+        taro["taro_routers"] = {**routers, next(iter(routers)): taro["taro_router"]}
     settings = engine_settings(taro, taro_args.hf_overrides)
     out = rest + ["--hf-overrides", json.dumps(settings["hf_overrides"])]
     if FEEDER not in rest:
