@@ -189,7 +189,7 @@ def test_prompt_logprobs_are_the_server_default_mix_whatever_the_mode(llm, promp
 def traced(llm, prompt_ids, xargs, key):
     from taro_vllm.serving.alphas import RECORDER
 
-    out = ids(generate(llm, prompt_ids, {**xargs, "taro_trace": key}, max_tokens=10))
+    (out,) = ids(generate(llm, prompt_ids, {**xargs, "taro_trace": key}, max_tokens=10))
     return out, RECORDER.pop(key)
 
 

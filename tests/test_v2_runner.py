@@ -199,7 +199,7 @@ def test_model_state_add_request_never_raises_and_keeps_serving(state, model, ba
     state.add_request(0, new_request("bad", **bad))
     state.add_request(1, new_request("good", taro_mode="reward"))
     state.prepare_inputs(decode_batch([0, 1]), None)
-    override, trace, needs_router = model.rows.take(2)
+    override, trace, needs_router, _groups = model.rows.take(2)
     assert math.isnan(override[0]) and override[1] == 1.0 and needs_router  # row 0: the default (router)
 
 
@@ -290,7 +290,7 @@ def test_row_state_places_its_buffers_explicitly():
     assert rows.device_override.device.type == "cpu"
     rows.set_row(5, 0.5, None)  # grows (used to torch.cat a CPU and a device tensor)
     rows.begin_step(6)
-    override, _trace, needs_router = rows.take(6, "cpu")
+    override, _trace, needs_router, _groups = rows.take(6, "cpu")
     assert override.device.type == "cpu" and override[5] == 0.5 and needs_router
 
 

@@ -11,7 +11,6 @@ model's RouterSet between steps; the API process keeps the names in its Settings
 admission checks requests against.
 """
 
-from __future__ import annotations
 
 import asyncio
 import time
