@@ -3,6 +3,7 @@ routers mixed in one batch vs one router.
 
     python -m benchmarks.feature_costs                # SmolLM2-135M base + reward, batch / concurrency 32
     python -m benchmarks.feature_costs --smoke        # tiny models, a few tokens (what the test suite runs)
+    python -m benchmarks.feature_costs --url URL      # the a_t comparison against a running --taro-return-alphas server
 
 * a_t in responses: one ``taro-vllm serve --taro-return-alphas`` and vLLM's own ``vllm bench serve`` (through
   benchmarks.serve_bench) at concurrency 32: mode ``router`` vs ``router+alphas`` (streamed chunks carry a_t),
@@ -57,6 +58,8 @@ def routers_cost(base: Path, reward: Path, work: Path, args) -> dict:
 
 
 def alphas_cost(base: Path, reward: Path, work: Path, args) -> dict:
+    from contextlib import nullcontext
+
     from benchmarks import serve_bench
     from benchmarks.server_process import running_server
 
@@ -65,8 +68,9 @@ def alphas_cost(base: Path, reward: Path, work: Path, args) -> dict:
             "--max-model-len", str(args.prompt_len + args.max_tokens + 64), "--served-model-name", "taro"]
     if args.eager:
         argv.append("--enforce-eager")
-    with running_server(argv, work / "server.log", timeout=900,
-                        env={"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}) as (url, _proc, _):
+    server = nullcontext((args.url, None, 0.0)) if args.url else running_server(
+        argv, work / "server.log", timeout=900, env={"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"})
+    with server as (url, _proc, _):
         rc = serve_bench.main(["--url", url, "--concurrency", str(args.batch), "--requests", str(args.requests),
                                "--max-tokens", str(args.max_tokens), "--input-len", str(args.prompt_len),
                                "--modes", "router", "router+alphas", "--rounds", str(args.rounds),
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--url", help="a running taro-vllm serve --taro-return-alphas (default: start one)")
     p.add_argument("--smoke", action="store_true", help="tiny models, batch 4, 4 tokens, 1 round, eager")
     args = p.parse_args(argv)
     if args.smoke:

@@ -49,6 +49,18 @@ def test_online_serve_bench_sweeps_modes_and_concurrency(taro_server_url, tmp_pa
     assert "| fixed:0.5 | 3 | 3 / 3 |" in (tmp_path / "serve_bench.md").read_text()
 
 
+def test_feature_costs_smoke_compares_routers_and_a_t_side_by_side(taro_server_url, tmp_path):
+    from benchmarks import feature_costs
+
+    url, _ = taro_server_url  # the a_t comparison runs against the session server (it has --taro-return-alphas)
+    assert feature_costs.main(["--smoke", "--url", url, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "feature_costs.json").read_text())
+    assert len(report["routers"]["one_router_tok_s"]) == len(report["routers"]["four_routers_tok_s"]) == 1
+    assert report["routers"]["ratio_four_over_one"] > 0 and report["alphas"]["ratio_alphas_over_plain"] > 0
+    md = (tmp_path / "feature_costs.md").read_text()
+    assert "4 routers mixed in one batch vs one router" in md and "a_t in the streamed responses vs not" in md
+
+
 def test_online_serve_bench_rejects_unknown_mode_and_missing_server(tmp_path):
     from benchmarks import serve_bench
 

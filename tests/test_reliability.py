@@ -75,7 +75,7 @@ def test_bad_input_is_a_4xx_with_an_openai_error_body(taro_server_url, name, bod
 def test_schema_fuzzing_sees_no_5xx(taro_server_url, tmp_path):
     url, proc = taro_server_url
     har = tmp_path / "fuzz.har"
-    cmd = ["st", "run", f"{url}/openapi.json", "--url", url, "-n", os.environ.get("TARO_FUZZ_EXAMPLES", "15"),
+    cmd = ["st", "run", f"{url}/openapi.json", "--url", url, "-n", os.environ.get("TARO_FUZZ_EXAMPLES", "10"),
            "--checks", "not_a_server_error", "--phases", "examples,fuzzing", "--generation-deterministic",
            "--include-path-regex", r"^/(v1/completions|v1/chat/completions|v1/models|tokenize|detokenize|health)$",
            "--request-timeout", "60", "--report", "har", "--report-har-path", str(har), "--workers", "1"]

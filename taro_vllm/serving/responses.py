@@ -173,7 +173,9 @@ def plan_request(body: Any, path: str, settings: "Settings") -> Plan | None:
         raise BadRequest(f"taro_alphas takes one prompt per request; this one has {_prompt_count(body['prompt'])} "
                          "(send them as separate requests)")
     trace = xargs.get("taro_trace")
-    plan.private = not isinstance(trace, str)
+    if trace is not None and not isinstance(trace, str):
+        return None  # vLLM's validator refuses the bad taro_trace (HTTP 400); never replace what the client sent
+    plan.private = trace is None
     plan.key = f"{PRIVATE_TRACE_PREFIX}{uuid.uuid4().hex}" if plan.private else trace
     mode = xargs.get("taro_mode") or ("fixed" if "taro_alpha" in xargs else settings.default_mode)
     plan.summary_base = {"mode": mode, "router": (router if isinstance(router, str) else settings.default_router)
