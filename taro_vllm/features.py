@@ -79,16 +79,16 @@ def row_stats(zs: Sequence[torch.Tensor]) -> list[RowStats]:
     rows = max(1, _CHUNK_ELEMS // v)
     scratch = torch.empty(min(rows, n), v, dtype=torch.float32, device=zs[0].device)
     block_max = [torch.empty(n, nblk, dtype=torch.float32, device=z.device) for z in zs]
-    neg_max2 = [torch.empty(n, dtype=torch.float32, device=z.device) for z in zs]  # -m * log2(e), +-inf -> 0
-    sums = [torch.empty(n, dtype=torch.float32, device=z.device) for z in zs]
+    neg_max2 = torch.empty(len(zs), n, dtype=torch.float32, device=zs[0].device)  # -m * log2(e), +-inf -> 0
+    sums = torch.empty(len(zs), n, dtype=torch.float32, device=zs[0].device)
     for i in range(0, n, rows):
         j = min(i + rows, n)
         sc = scratch[: j - i]
         for z, bmax, nm2, s in zip(zs, block_max, neg_max2, sums):
             _chunk_stats(z[i:j], sc, bmax[i:j], nm2[i:j], s[i:j])
     # sum_j 2^(z_j log2(e) + nm2) = s  =>  lse = (log2(s) - nm2) / log2(e), in fp64 per row.
-    return [RowStats(bmax, ((s.double().log2() - nm2.double()) / _LOG2E).float())
-            for bmax, nm2, s in zip(block_max, neg_max2, sums)]
+    lse = ((sums.double().log2() - neg_max2.double()) / _LOG2E).float()
+    return [RowStats(bmax, row_lse) for bmax, row_lse in zip(block_max, lse)]
 
 
 def _chunk_stats(z: torch.Tensor, sc: torch.Tensor, bmax: torch.Tensor, nm2: torch.Tensor, s: torch.Tensor) -> None:
