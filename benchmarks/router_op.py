@@ -14,10 +14,10 @@ Needs only torch (Triton on CUDA): runs on a GPU when one is present, else on CP
   device allows).
 
 GB/s of copy and features count both inputs read once; GB/s of the mix, reference and fused add the fp32 output
-written once. All ops of a shape are timed round-robin (one call each per repeat, best of the repeats), so a load
-that comes and goes hits them alike. Writes ``router_op.json``, ``router_op.md`` and ``router_op.png`` (GB/s vs batch
-per vocabulary) and prints the two ratios the design targets: features/copy GB/s (>= 0.25 at batch >= 32) and
-fused top-K / fixed-a mix time (<= 1.5 at V = 151936, batch 256).
+written once. All ops of a shape are timed round-robin (one call each per round, best of at least ``--repeats``
+rounds and ``--min-time`` seconds), so a load that comes and goes hits them alike. Writes ``router_op.json``,
+``router_op.md`` and ``router_op.png`` (GB/s vs batch per vocabulary) and prints the two ratios the design targets:
+features/copy GB/s (>= 0.25 at batch >= 32) and fused top-K / fixed-a mix time (<= 1.5 at V = 151936, batch 256).
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ TARGET_FEATURES_OVER_COPY = 0.25  # features GB/s >= this fraction of copy GB/s,
 TARGET_FUSED_OVER_MIX = 1.5  # fused top-K time <= this multiple of the fixed-a mix, at V = 151936, batch 256
 
 
-def _time_round_robin(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
-    """Best wall time (s) of each function; each repeat calls every function once, in turn."""
+def _time_round_robin(fns: dict, device: torch.device, repeats: int, min_time: float) -> dict[str, float]:
+    """Best wall time (s) of each function; each round calls every function once, in turn. At least ``repeats``
+    rounds and, for quick shapes, more rounds until ``min_time`` seconds have passed: on shared cores a burst of
+    other work can cover a few milliseconds of rounds whole, rarely a second."""
     def once(fn) -> float:
         t = time.perf_counter()
         fn()
@@ -50,14 +52,16 @@ def _time_round_robin(fns: dict, device: torch.device, repeats: int) -> dict[str
     for fn in fns.values():
         once(fn)  # warm-up (Triton compile, allocator)
     best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
+    start, rounds = time.perf_counter(), 0
+    while rounds < repeats or time.perf_counter() - start < min_time:
         for name, fn in fns.items():
             best[name] = min(best[name], once(fn))
+        rounds += 1
     return best
 
 
 def bench(vocab: int, batch: int, kinds: list[str], device: torch.device, dtype: torch.dtype,
-          repeats: int) -> list[dict]:
+          repeats: int, min_time: float = 0.0) -> list[dict]:
     """One row per router kind for this shape; copy, features and the fixed-a mix are timed once per shape."""
     g = torch.Generator(device="cpu").manual_seed(0)
     zb = (torch.randn(batch, vocab, generator=g) * 4).to(device=device, dtype=dtype)
@@ -82,7 +86,7 @@ def bench(vocab: int, batch: int, kinds: list[str], device: torch.device, dtype:
         fns[f"reference_{kind}"] = lambda r=router: mix.mix_reference(zb, zr, r(zb, zr))
         fns[f"fused_{kind}"] = lambda r=router: mix.route_and_mix(zb, zr, router=r)
     with torch.inference_mode():
-        t = _time_round_robin(fns, device, repeats)
+        t = _time_round_robin(fns, device, repeats, min_time)
     bytes_in = 2 * batch * vocab * zb.element_size()
     bytes_min = bytes_in + batch * vocab * 4
     shared = {"vocab": vocab, "batch": batch, "device": device.type, "dtype": str(dtype),
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--kinds", nargs="+", default=["topk", "full"])
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="at least this many rounds per shape")
+    p.add_argument("--min-time", type=float, default=2.0, help="and rounds for at least this many seconds per shape")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for v in args.vocab:
         for b in args.batch:
-            rows += bench(v, b, args.kinds, device, dtype, args.repeats)
+            rows += bench(v, b, args.kinds, device, dtype, args.repeats, args.min_time)
             for r in rows[-len(args.kinds):]:
                 extra = (f"  features {r['features_ms']:7.2f} ms ({r['features_GBps']:.2f} GB/s = "
                          f"{r['features_over_copy']:.2f} x copy {r['copy_GBps']:.2f} GB/s)"
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"reference {r['reference_ms']:8.2f} ms{extra}", flush=True)
     where = (torch.cuda.get_device_name() if device.type == "cuda"
              else f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs")
-    header = (f"device: {device.type} ({where}), dtype {args.dtype}, best of {args.repeats} (round-robin); "
+    header = (f"device: {device.type} ({where}), dtype {args.dtype}, best of >= {args.repeats} round-robin rounds "
+              f"and >= {args.min_time:g} s per shape; "
               f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "router_op.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
