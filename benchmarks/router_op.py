@@ -179,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5, help="at least this many rounds per shape")
     p.add_argument("--min-time", type=float, default=2.0, help="and rounds for at least this many seconds per shape")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: torch's default); "
+                   "1 is steadier on cores shared with other work")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     load_before = os.getloadavg()[0]
