@@ -5,6 +5,7 @@ router's :class:`RouterWeight`, and neither of those two imports the other. Trai
 same features (through ``taro_vllm.mix``, which re-exports them), so serving and training share them bit for bit.
 
 * :func:`topk_features` - the top-K token ids of the base, the reward or both, and both models' log-probs there.
+* :func:`row_stats` - on CPU, the row logsumexp and 64-wide block maxima of both models in one chunked pass.
 * :func:`full_logprobs` - both full log-prob rows (the full-logits router).
 * :class:`RouterWeight` - a router's a_t per row plus the per-row statistics it computed on the way (the top-K
   router's two logsumexps), which the mix reuses to flag rows holding NaN/+inf without another pass.
@@ -50,7 +51,7 @@ _LOG2E = torch.tensor(math.log2(math.e), dtype=torch.float32).item()  # log2(e) 
 _CHUNK_ELEMS = 1 << 20  # rows per chunk on CPU: about 4 MB of fp32 logits per model, so the chunk stays in cache
 # ... but at most this many chunks: every op on a chunk is a parallel region ending in a barrier, and on shared cores a
 # descheduled thread stalls each barrier; 16 chunks of up to ~10 MB per model (N = 256, V = 152k) cost ~4% more than
-# 4 MB chunks on an idle core, and about halve the barriers.
+# 4 MB chunks on an idle core, and cut the barriers to about a third.
 _MAX_CHUNKS = 16
 
 
