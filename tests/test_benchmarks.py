@@ -27,10 +27,16 @@ def test_throughput_smoke_writes_table_plot_and_ratios(tmp_path):
 def test_router_op_microbenchmark_smoke(tmp_path):
     from benchmarks import router_op
 
-    assert router_op.main(["--vocab", "1000", "--batch", "1", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "router_op.json").read_text())
+    argv = ["--vocab", "1000", "--batch", "1", "4", "--repeats", "1", "--min-time", "0", "--out", str(tmp_path)]
+    assert router_op.main(argv) == 0
+    rows = json.loads((tmp_path / "router_op.json").read_text())["rows"]
     assert {(r["batch"], r["router"]) for r in rows} == {(1, "topk"), (1, "full"), (4, "topk"), (4, "full")}
-    assert all(r["fused_ms"] > 0 and r["fused_GBps"] > 0 and r["mix_only_ms"] > 0 for r in rows)
+    assert all(r["fused_ms"] > 0 and r["fused_GBps"] > 0 and r["mix_only_ms"] > 0 and r["copy_GBps"] > 0 for r in rows)
+    # the top-K router's features next to a plain copy of the same bytes, measured in the same run
+    assert all((r["features_GBps"] is not None and r["features_GBps"] > 0 and r["features_over_copy"] > 0)
+               == (r["router"] == "topk") for r in rows)
+    assert "features/copy" in (tmp_path / "router_op.md").read_text()
+    assert (tmp_path / "router_op.png").stat().st_size > 10_000
 
 
 @pytest.mark.engine

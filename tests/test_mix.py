@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from taro_vllm import mix
+from taro_vllm import features, mix
 from taro_vllm.router import RouterConfig, build_router
 
 V = 4096
@@ -133,3 +133,72 @@ def test_blocked_topk_survives_nan_rows():
     zb[1, 100] = float("nan")
     ids = mix.topk_ids(zb, 8)
     assert ids.shape == (3, 8) and torch.equal(ids[[0, 2]], zb[[0, 2]].topk(8).indices)
+
+
+# The CPU features: one chunked pass per model (features.row_stats) for the row logsumexp and the block maxima that
+# the blocked top-K reads. References: torch.logsumexp / torch.log_softmax on fp32 copies, torch.topk.
+
+
+def awkward_rows(v, dtype, seed=0):
+    """Rows a real step may hold: plain, masked (-inf) tokens, ties, and one NaN / +inf / all -inf row each."""
+    zb, zr = pair(n=8, v=v, seed=seed)
+    zb[1, ::3] = float("-inf")  # masked tokens
+    zb[2, : v // 2] = 7.0  # half the row tied at the same value
+    zb[3, 5] = float("nan")
+    zb[4, v - 1] = float("inf")
+    zb[5] = float("-inf")  # nothing allowed
+    zr[6, :] = zr[6, :].round()  # many ties everywhere
+    return zb.to(dtype), zr.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [50, 4096, 49152 + 37, 151_936])  # below one block, and a vocab tail not a whole block
+def test_row_stats_logsumexp_equals_torch_and_is_nonfinite_only_where_the_row_is(dtype, v):
+    zb, zr = awkward_rows(v, dtype)
+    sb, sr = features.row_stats((zb, zr))
+    ref_b, ref_r = torch.logsumexp(zb.float(), -1), torch.logsumexp(zr.float(), -1)
+    assert sb.lse.dtype == torch.float32 and sb.lse.shape == (8,)
+    # within fp32 rounding (|lse| < 40 here: an ulp is 4e-6); NaN, +inf and -inf where torch has them
+    torch.testing.assert_close(sb.lse, ref_b, rtol=1e-6, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(sr.lse, ref_r, rtol=1e-6, atol=1e-5)
+    assert torch.isnan(sb.lse).tolist() == [i == 3 for i in range(8)]
+    assert (sb.lse == float("inf")).tolist() == [i == 4 for i in range(8)]
+    assert (sb.lse == float("-inf")).tolist() == [i == 5 for i in range(8)]
+    nblk = v // 64
+    assert sb.block_max.shape == (8, nblk)
+    if nblk:
+        assert torch.equal(sb.block_max[[0, 1, 2, 4, 5, 6]], zb.float()[[0, 1, 2, 4, 5, 6], : nblk * 64]
+                           .unflatten(1, (nblk, 64)).amax(-1))
+
+
+def test_row_stats_do_not_depend_on_how_rows_are_chunked(monkeypatch):
+    zb, zr = pair(n=11, v=5000, seed=3)
+    whole = features.row_stats((zb, zr))
+    monkeypatch.setattr(features, "_CHUNK_ELEMS", 3 * 5000)  # chunks of 3 rows, the last one of 2
+    chunked = features.row_stats((zb, zr))
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a.lse, b.lse) and torch.equal(a.block_max, b.block_max)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v,k", [(4096, 16), (4096, 17), (49152 + 37, 8), (151_936, 32), (50, 8)])
+def test_topk_features_equal_torch_topk_and_log_softmax(dtype, v, k):
+    # 4096 = 64 blocks: k = 16 is the largest k the blocked search takes (4k blocks), k = 17 falls back to torch.topk
+    zb, zr = awkward_rows(v, dtype, seed=v + k)
+    zb[7, -3:] = 90.0  # the winners sit in the vocab tail
+    finite = [0, 1, 2, 6, 7]  # rows 3-5 hold NaN / +inf / nothing: only their lse is checked (above)
+    f = mix.topk_features(zb, zr, k, "both")
+    assert f.ids.shape == (8, 2 * k) and f.logp_base.dtype == torch.float32
+    for ids, z in ((f.ids[:, :k], zb), (f.ids[:, k:], zr)):
+        for row in finite:
+            ref = torch.topk(z[row], min(k + 1, v))
+            # largest first, the same values as torch.topk; the same set of ids unless a tie straddles the K-th place
+            assert torch.equal(z[row, ids[row]], ref.values[:k])
+            if k < v and ref.values[k - 1] > ref.values[k]:
+                assert set(ids[row].tolist()) == set(ref.indices[:k].tolist())
+    # fp64 references: torch's fp32 log_softmax itself is off by up to 3e-5 at V = 152k
+    lp_b, lp_r = torch.log_softmax(zb.double(), -1).float(), torch.log_softmax(zr.double(), -1).float()
+    torch.testing.assert_close(f.logp_base[finite], lp_b[finite].gather(1, f.ids[finite]), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(f.logp_reward, lp_r.gather(1, f.ids), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(f.lse_base, torch.logsumexp(zb.float(), -1), rtol=1e-6, atol=1e-5, equal_nan=True)
+
