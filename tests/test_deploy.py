@@ -85,7 +85,10 @@ def check_taro_serving(ns: argparse.Namespace) -> dict:
 
 
 def served_paths(ns: argparse.Namespace) -> dict[str, str]:
-    paths = {"base": ns.model_tag, "router": ns.taro_router}
+    from taro_vllm.serving.routers import parse_router_specs
+
+    routers = list(parse_router_specs(ns.taro_router).values())  # --taro-router is repeatable; the first: default
+    paths = {"base": ns.model_tag, "router": routers[0] if routers else None}
     if ns.taro_reward_model:
         paths["reward"] = ns.taro_reward_model
     return paths
