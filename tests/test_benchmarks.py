@@ -75,3 +75,23 @@ def test_online_serve_bench_rejects_unknown_mode_and_missing_server(tmp_path):
     from benchmarks.server_process import free_port
 
     assert serve_bench.main(["--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path)]) == 2
+
+
+def test_serve_compare_puts_taro_next_to_plain_vllm_per_concurrency(tmp_path):
+    """The online comparison's table, ratios and plot from hand-made serve_bench rows (no server)."""
+    from benchmarks import serve_compare
+
+    def row(server, mode, c, tpot):
+        return {"server": server, "mode": mode, "concurrency": c, "requests": 2 * c, "completed": 2 * c,
+                "errors": 0, "tokens_per_s": 10.0 * c / tpot, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2,
+                "tpot_p50_s": tpot, "tpot_p99_s": 2 * tpot}
+
+    rows = [row("plain vLLM", "none", 1, 0.02), row("plain vLLM", "none", 8, 0.05),
+            row("TARo", "router", 1, 0.04), row("TARo", "router", 8, 0.11)]
+    assert serve_compare.ratios(rows) == pytest.approx({"router c=1": 2.0, "router c=8": 2.2})
+    report = {"base": "b", "reward": "r", "dtype": "float32", "max_tokens": 8, "input_len": 8, "machine": "m",
+              "rows": rows, "ratios": serve_compare.ratios(rows)}
+    serve_compare.write_outputs(report, tmp_path)
+    md = (tmp_path / "serve_compare.md").read_text()
+    assert "| TARo | router | 8 | 16 / 16 |" in md and "| router c=8 | **2.20** |" in md
+    assert (tmp_path / "serve_compare.png").stat().st_size > 1000

@@ -1,0 +1,125 @@
+"""Online serving under load, TARo vs plain vLLM on the same base, with vLLM's own ``vllm bench serve``.
+
+    python -m benchmarks.serve_compare                     # SmolLM2-135M: plain vLLM, then TARo, c = 1 / 8 / 32 / 64
+    python -m benchmarks.serve_compare --modes router fixed:0.5 --concurrency 1 32
+
+Starts ``taro-vllm serve BASE`` without a router (plain vLLM, nothing of TARo in the engine), sweeps it with
+benchmarks.serve_bench (mode ``none``), stops it; then ``taro-vllm serve BASE --taro-router R`` (a random router: the
+weights do not change the cost) and sweeps each TARo mode. Each point: ``2 x concurrency`` requests (at least 8) of
+``--input-len`` random prompt tokens and ``--max-tokens`` output tokens (EOS ignored). Writes serve_compare.json /
+.md (TTFT and TPOT p50 / p99, output tok/s, and TARo's TPOT p50 over plain vLLM's per concurrency) and
+serve_compare.png (TPOT p50 and output tok/s vs concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks import serve_bench
+from benchmarks.server_process import running_server
+from benchmarks.throughput import _random_router
+from taro_vllm import assets
+
+ROOT = Path(__file__).resolve().parent
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "HF_HUB_OFFLINE": "1"}
+
+
+def sweep(argv: list[str], modes: list[str], args, work: Path, label: str) -> list[dict]:
+    rows = []
+    with running_server(argv, work / f"{label}.log", timeout=1200, env=SERVER_ENV) as (url, _proc, startup):
+        print(f"{label}: up in {startup:.0f} s", flush=True)
+        for c in args.concurrency:
+            out = work / f"{label}-c{c}"
+            serve_bench.main(["--url", url, "--concurrency", str(c), "--requests", str(max(8, 2 * c)),
+                              "--max-tokens", str(args.max_tokens), "--input-len", str(args.input_len),
+                              "--modes", *modes, "--out", str(out)])
+            for r in json.loads((out / "serve_bench.json").read_text())["rows"]:
+                rows.append({"server": label, **r})
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict:
+    """TARo's TPOT p50 over plain vLLM's, per TARo mode and concurrency (target at the equal-size pair: <= 2.1)."""
+    plain = {r["concurrency"]: r for r in rows if r["server"] == "plain vLLM"}
+    out: dict = {}
+    for r in rows:
+        if r["server"] == "TARo" and r["concurrency"] in plain:
+            out[f"{r['mode']} c={r['concurrency']}"] = r["tpot_p50_s"] / plain[r["concurrency"]]["tpot_p50_s"]
+    return out
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"Base `{report['base']}`, reward `{report['reward']}`, {report['dtype']}, {report['input_len']} prompt "
+             f"+ {report['max_tokens']} output tokens per request, `vllm bench serve`; {report['machine']}.", "",
+             "| server | mode | concurrency | requests ok | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['server']} | {r['mode']} | {r['concurrency']} | {r['completed']} / {r['requests']} | "
+                     f"{r['tokens_per_s']:.1f} | {1000 * r['ttft_p50_s']:.0f} / {1000 * r['ttft_p99_s']:.0f} | "
+                     f"{1000 * r['tpot_p50_s']:.1f} / {1000 * r['tpot_p99_s']:.1f} |")
+    lines += ["", "| TARo TPOT p50 / plain vLLM TPOT p50 | ratio |", "|---|---:|"]
+    lines += [f"| {k} | **{v:.2f}** |" for k, v in report["ratios"].items()]
+    (out / "serve_compare.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key in dict.fromkeys((r["server"], r["mode"]) for r in report["rows"]):
+        pts = sorted((r["concurrency"], r) for r in report["rows"] if (r["server"], r["mode"]) == key)
+        label = key[0] if key[1] == "none" else f"{key[0]} ({key[1]})"
+        ax1.plot([c for c, _ in pts], [1000 * r["tpot_p50_s"] for _, r in pts], marker="o", label=label)
+        ax2.plot([c for c, _ in pts], [r["tokens_per_s"] for _, r in pts], marker="o", label=label)
+    for ax, title in ((ax1, "TPOT p50 (ms)"), (ax2, "output tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out / "serve_compare.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, help="base model dir (default: SmolLM2-135M-Instruct asset)")
+    p.add_argument("--reward", type=Path, help="reward model dir (default: the base itself)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--modes", nargs="+", default=["router"], help="TARo modes (serve_bench syntax)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--eager", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "results")
+    args = p.parse_args(argv)
+    base = args.base or assets.build_smollm2()
+    reward = args.reward or base
+    work = Path(tempfile.mkdtemp(prefix="taro-serve-compare-"))
+    common = ["--dtype", args.dtype, "--max-model-len", str(args.input_len + args.max_tokens + 64),
+              "--served-model-name", "taro", "--seed", "0"] + (["--enforce-eager"] if args.eager else [])
+    rows = sweep([str(base), *common], ["none"], args, work, "plain vLLM")
+    router = _random_router(work / "router", base, reward, "topk")
+    rows += sweep([str(base), "--taro-router", str(router), "--taro-reward-model", str(reward), *common], args.modes,
+                  args, work, "TARo")
+    report = {"base": str(base), "reward": str(reward), "dtype": args.dtype, "max_tokens": args.max_tokens,
+              "input_len": args.input_len, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+              "rows": rows, "ratios": ratios(rows)}
+    write_outputs(report, args.out)
+    print(json.dumps(report["ratios"], indent=2))
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
