@@ -244,6 +244,33 @@ def test_overrides_follow_the_batch_rows_not_the_slots(state, model):
     assert math.isnan(state.slot_weight[3]) and state.slot_trace[3] is None
 
 
+def test_rows_on_different_routers_each_get_their_routers_weight(state, model, tiny_paths, tmp_path):
+    """Several routers in one engine on the V2 path: the model state keeps each request's router slot and lays it out
+    in row order; each row's a_t is its own router's."""
+    from engine_utils import make_router
+    from taro_vllm.serving.alphas import RECORDER
+
+    base, reward = tiny_paths["tiny-llama-base"], tiny_paths["tiny-llama-reward"]
+    model.load_router("alt-v2", str(make_router(tmp_path / "alt", base, reward, seed=7)))
+    try:
+        for slot, (rid, xargs) in enumerate([("a", {"taro_trace": "r-a"}), ("c", {"taro_alpha": 0.5}),
+                                             ("b", {"taro_router": "alt-v2", "taro_trace": "r-b"})]):
+            state.add_request(slot, new_request(rid, **xargs))
+        state.prepare_inputs(decode_batch([2, 1, 0]), None)  # rows: b (alt-v2), c (fixed), a (default)
+        h = hidden(model, 3)
+        model.compute_logits(h)
+        zb = model.base.compute_logits(h[:, :model.hidden_sizes[0]])
+        zr = model.reward.compute_logits(h[:, model.hidden_sizes[0]:])
+        alt = model.routers.module(model.routers.slot("alt-v2"))
+        want_b = alt.weight(zb[0:1], zr[0:1]).alpha.item()
+        want_a = model.router.weight(zb[2:3], zr[2:3]).alpha.item()
+        assert RECORDER.pop("r-b") == pytest.approx([want_b], abs=1e-6)
+        assert RECORDER.pop("r-a") == pytest.approx([want_a], abs=1e-6)
+        assert abs(want_a - want_b) > 1e-4  # two different routers really ran
+    finally:
+        model.unload_router("alt-v2")
+
+
 def test_n_samples_of_one_traced_request_get_one_list_each(state, model):
     """D12: with n > 1 vLLM sends each sample as its own request ("{index}_{parent id}", same extra_args); the
     trace keeps one list per choice instead of interleaving them."""
