@@ -9,8 +9,8 @@ Each (mode, concurrency) point is one run of vLLM's serving benchmark (``vllm.be
 (``ignore_eos``), greedy, at most C requests in flight, the TARo mode sent as ``--extra-body '{"vllm_xargs": ...}'``.
 What vLLM's command lacks and this adds: the sweep over modes and concurrencies in one call, and one table
 (``serve_bench.json`` / ``serve_bench.md``) of output tokens/s, requests/s, TTFT and TPOT p50/p99. A mode is
-``router`` (the learned router), ``fixed:A`` (GenARM weight A), ``base``, ``reward``, or ``none`` (send nothing:
-for a plain vLLM server); ``+alphas`` after a TARo mode also asks for each token's a_t in the streamed chunks
+``router`` (the learned router; ``router:NAME`` one of several), ``fixed:A`` (GenARM weight A), ``base``,
+``reward``, or ``none`` (send nothing: for a plain vLLM server); ``+alphas`` after a TARo mode also asks for each token's a_t in the streamed chunks
 (a server started with ``--taro-return-alphas``): what returning a_t costs is ``router+alphas`` next to ``router``.
 ``--rounds R`` runs the whole sweep R times, interleaved, and reports each point's median output tok/s (the run
 with that median), so slow drift of a shared machine does not land on one mode.
@@ -29,15 +29,18 @@ ROOT = Path(__file__).resolve().parent
 
 
 def mode_xargs(mode: str) -> dict | None:
+    """A sweep mode's vllm_xargs: the server's ``--taro-model-alias`` mode grammar (``args.alias_xargs``), plus
+    ``none`` and the ``+alphas`` suffix."""
+    from taro_vllm.serving.args import alias_xargs
+
     mode, plus_alphas = mode.removesuffix("+alphas"), mode.endswith("+alphas")
     if mode == "none" and not plus_alphas:
         return None
-    if mode in ("router", "base", "reward"):
-        xargs = {"taro_mode": mode}
-    elif mode.startswith("fixed:"):
-        xargs = {"taro_mode": "fixed", "taro_alpha": float(mode.split(":", 1)[1])}
-    else:
-        raise ValueError(f"unknown mode {mode!r}: use router, fixed:A, base, reward or none (+alphas: with a_t)")
+    try:
+        xargs = alias_xargs(mode)
+    except ValueError:
+        raise ValueError(f"unknown mode {mode!r}: use router, router:NAME, fixed:A, base, reward or none (+alphas: "
+                         "with a_t)") from None
     return {**xargs, "taro_alphas": True} if plus_alphas else xargs
 
 

@@ -226,11 +226,13 @@ def _openai_style_http_errors(app) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
+    from taro_vllm.serving.responses import openai_error
+
     async def handler(request, exc: HTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return JSONResponse({"error": {"message": detail, "type": "BadRequestError" if exc.status_code == 400
-                                       else "HTTPError", "param": None, "code": exc.status_code}},
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        kind = "BadRequestError" if exc.status_code == 400 else "HTTPError"
+        return JSONResponse(openai_error(exc.status_code, detail, kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     app.add_exception_handler(HTTPException, handler)
 
@@ -248,7 +250,9 @@ class TaroAlphaEndpoint:
 
     def attach_router(self, app) -> None:
         from fastapi import APIRouter, Request
-        from fastapi.responses import HTMLResponse, JSONResponse
+        from fastapi.responses import HTMLResponse
+
+        from taro_vllm.serving.responses import error_response
 
         router = APIRouter()
 
@@ -256,15 +260,12 @@ class TaroAlphaEndpoint:
         async def get_alphas(trace_id: str, request: Request):
             client = request.app.state.taro_engine_client
             if client is None:
-                return JSONResponse({"error": {"message": "no engine", "type": "ServiceUnavailable", "code": 503}},
-                                    status_code=503)
+                return error_response(503, "no engine", "ServiceUnavailable")
             per_rank = await client.collective_rpc("taro_pop_alphas", args=(trace_id,))
             found = next((r for r in per_rank if r is not None), None)
             if found is None:
-                return JSONResponse(
-                    {"error": {"message": f"no a_t recorded for taro_trace {trace_id!r} (unknown, or already "
-                                          "fetched: each trace is returned once)", "type": "NotFoundError",
-                               "code": 404}}, status_code=404)
+                return error_response(404, f"no a_t recorded for taro_trace {trace_id!r} (unknown, or already "
+                                           "fetched: each trace is returned once)", "NotFoundError")
             return {"trace_id": trace_id, **found}  # "alphas" (n = 1) or "choices" (n > 1)
 
         page = (Path(__file__).parent / "taro.html").read_text()

@@ -79,11 +79,11 @@ def taro_overrides(values: dict[str, Any]) -> dict[str, Any]:
         if v is not None:
             out[key] = v
     if "taro_router" in out:
-        from taro_vllm.serving.routers import parse_router_specs
+        from taro_vllm.serving.routers import parse_router_specs, router_name
 
         routers = dict(values.get("taro_routers") or parse_router_specs(out["taro_router"]))
         out["taro_router"] = next(iter(routers.values()))  # the default router: what one-router code reads
-        if len(routers) > 1 or next(iter(routers)) != _folder_name(out["taro_router"]):
+        if len(routers) > 1 or next(iter(routers)) != router_name(out["taro_router"]):
             out["taro_routers"] = routers
     if "taro_model_aliases" in out:
         out["taro_model_aliases"] = parse_model_aliases(out["taro_model_aliases"])
@@ -92,12 +92,6 @@ def taro_overrides(values: dict[str, Any]) -> dict[str, Any]:
     if out:
         out["architectures"] = [ARCH]
     return out
-
-
-def _folder_name(path: str) -> str:
-    from pathlib import Path
-
-    return Path(str(path).rstrip("/")).name
 
 
 def parse_model_aliases(values: list[str] | dict[str, str]) -> dict[str, str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ from taro_vllm.router import build_router
 from taro_vllm.serving import alphas as alpha_recording
 from taro_vllm.serving.args import NO_WEIGHT_CHECK_ENV, weight_check_enabled
 from taro_vllm.serving.options import TaroDefaults
-from taro_vllm.serving.routers import GroupedRouters, RouterSet
+from taro_vllm.serving.routers import GroupedRouters, RouterSet, served_routers
 from taro_vllm.serving.rows import RowState, register_rows
 
 logger = logging.getLogger("taro_vllm")
@@ -85,9 +84,8 @@ class TaroForCausalLM(nn.Module):
         self.router = build_router(self.setup.router_config.router).float()  # weights: load_weights
         # More routers (--taro-router NAME=CKPT ...): checked like the first, built and loaded now (they are tiny and
         # not submodules: routers can be loaded and unloaded at run time). Rows pick one by slot (routers.py).
-        names = dict(getattr(hf, "taro_routers", None) or {})
-        default_name = next(iter(names), None) or Path(str(router_path).rstrip("/")).name
-        self.routers = RouterSet(default_name, self.router)
+        names = served_routers(hf)
+        self.routers = RouterSet(next(iter(names)), self.router)
         for name, path in list(names.items())[1:]:
             self.load_router(name, path)
         self.make_empty_intermediate_tensors = getattr(self.base, "make_empty_intermediate_tensors", None)

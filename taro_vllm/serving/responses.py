@@ -313,7 +313,7 @@ class Settings:
         """From the served model's config (the --taro-* flags arrive there as hf_overrides in every process)."""
         from taro_vllm.serving.args import parse_model_aliases
         from taro_vllm.serving.options import TaroDefaults
-        from taro_vllm.serving.routers import parse_router_specs
+        from taro_vllm.serving.routers import served_routers
 
         hf = engine_client.model_config.hf_config
 
@@ -324,7 +324,7 @@ class Settings:
                     merged.setdefault(key, per_choice)
             return merged
 
-        routers = dict(getattr(hf, "taro_routers", None) or parse_router_specs(getattr(hf, "taro_router", None)))
+        routers = served_routers(hf)
         return cls(AlphaFeed(read), enabled=bool(getattr(hf, "taro_return_alphas", False)),
                    default_mode=TaroDefaults.from_hf_config(hf).mode, default_router=next(iter(routers), None),
                    routers=routers, aliases=parse_model_aliases(getattr(hf, "taro_model_aliases", None) or {}),
@@ -335,8 +335,20 @@ def _first(name: str | list[str] | None) -> str | None:
     return name[0] if isinstance(name, list) and name else (name or None)
 
 
+def openai_error(status: int, message: str, kind: str = "BadRequestError") -> dict:
+    """The OpenAI error body every TARo HTTP error uses (vLLM's own shape)."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def error_response(status: int, message: str, kind: str = "BadRequestError"):
+    """:func:`openai_error` as a FastAPI response (the TARo routes)."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(openai_error(status, message, kind), status_code=status)
+
+
 def _error(status: int, message: str) -> tuple[dict, bytes]:
-    body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}})
+    body = json.dumps(openai_error(status, message))
     return ({"type": "http.response.start", "status": status,
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]},
             body.encode())

@@ -26,6 +26,17 @@ from taro_vllm.features import RouterWeight
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def router_name(path: str | Path) -> str:
+    """The name of a router given without one: its checkpoint folder's."""
+    return Path(str(path).rstrip("/")).name
+
+
+def served_routers(hf_config) -> dict[str, str]:
+    """An engine's routers by name, the default first, from the served model's config (``taro_routers`` when several
+    or named, else the one ``taro_router`` under its folder's name)."""
+    return dict(getattr(hf_config, "taro_routers", None) or parse_router_specs(getattr(hf_config, "taro_router", None)))
+
+
 def parse_router_specs(values: list[str] | str | None) -> dict[str, str]:
     """``NAME=CKPT`` or ``CKPT`` values (in order; the first is the default) -> ``{name: path}``; ValueError when a
     name is invalid or repeated. An unnamed router is named after its checkpoint folder."""
@@ -37,7 +48,7 @@ def parse_router_specs(values: list[str] | str | None) -> dict[str, str]:
     for v in values:
         name, sep, path = v.partition("=")
         if not sep or "/" in name or not NAME.match(name):
-            name, path = Path(v.rstrip("/")).name or "router", v
+            name, path = router_name(v) or "router", v
         if not NAME.match(name):
             raise ValueError(f"--taro-router {v!r}: router names are 1-64 characters of letters, digits, '.', '_' "
                              "and '-' (name it: --taro-router NAME=CKPT)")

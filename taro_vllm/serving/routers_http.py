@@ -15,14 +15,10 @@ admission checks requests against.
 import asyncio
 import time
 
+from taro_vllm.serving.responses import error_response as _error
 from taro_vllm.serving.routers import NAME
 
-
-def _error(status: int, message: str, kind: str):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status)
+NOT_READY = (503, "TARo is not initialised on this server", "ServiceUnavailable")
 
 
 def _check_router_files(engine_client, path: str) -> str | None:
@@ -62,7 +58,7 @@ def attach(router, taro_settings) -> None:
     async def list_routers(request: Request):
         settings = taro_settings(request)
         if settings is None:
-            return _error(503, "TARo is not initialised on this server", "ServiceUnavailable")
+            return _error(*NOT_READY)
         return {"default": settings.default_router,
                 "routers": [{"name": n, "path": p, "requests_in_flight": settings.in_flight.get(n, 0)}
                             for n, p in settings.routers.items()]}
@@ -71,7 +67,7 @@ def attach(router, taro_settings) -> None:
     async def load_router(request: Request):
         settings = taro_settings(request)
         if settings is None:
-            return _error(503, "TARo is not initialised on this server", "ServiceUnavailable")
+            return _error(*NOT_READY)
         try:
             body = await request.json()
         except ValueError:
@@ -98,7 +94,7 @@ def attach(router, taro_settings) -> None:
     async def unload_router(name: str, request: Request):
         settings = taro_settings(request)
         if settings is None:
-            return _error(503, "TARo is not initialised on this server", "ServiceUnavailable")
+            return _error(*NOT_READY)
         if name not in settings.routers:
             return _error(404, f"no router {name!r} is loaded; loaded: {sorted(settings.routers)}", "NotFoundError")
         if name == settings.default_router:
