@@ -40,6 +40,20 @@ def taro_server_url(tiny_paths, tmp_path_factory):
         yield url, proc
 
 
+@pytest.fixture(scope="module")
+def server(taro_server_url):
+    """The session server's URL."""
+    return taro_server_url[0]
+
+
+@pytest.fixture
+def client(server):
+    """The OpenAI SDK on the session server."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+
+
 # Engine-test fixtures, module-scoped (each module gets its own); a module on another pair overrides `pair`.
 @pytest.fixture(scope="module")
 def pair(tiny_paths):

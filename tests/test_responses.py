@@ -62,7 +62,7 @@ class FakeCompletions:
 
 
 @pytest.fixture
-def server():
+def fake_server():
     recorder = AlphaRecorder()
     app = FakeCompletions(recorder)
 
@@ -99,8 +99,8 @@ def sse_chunks(data: bytes) -> list:
     return [json.loads(e) for e in events[:-1]]
 
 
-def test_each_choice_carries_the_a_t_of_its_tokens_and_the_summary_is_in_metrics(server):
-    middleware, app, recorder, _ = server
+def test_each_choice_carries_the_a_t_of_its_tokens_and_the_summary_is_in_metrics(fake_server):
+    middleware, app, recorder, _ = fake_server
     status, body = post(middleware, {"prompt": "hi", "n": 2, "vllm_xargs": {"taro_alphas": True}})
     out = json.loads(body)
     assert status == 200
@@ -116,8 +116,8 @@ def test_each_choice_carries_the_a_t_of_its_tokens_and_the_summary_is_in_metrics
     assert private not in recorder.traces
 
 
-def test_streamed_chunks_carry_their_tokens_a_t_and_concatenate_to_the_whole_list(server):
-    middleware, app, recorder, settings = server
+def test_streamed_chunks_carry_their_tokens_a_t_and_concatenate_to_the_whole_list(fake_server):
+    middleware, app, recorder, settings = fake_server
     status, body = post(middleware, {"prompt": "hi", "n": 2, "stream": True, "return_token_ids": True,
                                      "vllm_xargs": {"taro_alphas": True, "taro_trace": "mine"}})
     chunks = sse_chunks(body)
@@ -133,16 +133,16 @@ def test_streamed_chunks_carry_their_tokens_a_t_and_concatenate_to_the_whole_lis
     assert recorder.pop("mine") == [per_choice[0], per_choice[1]]
 
 
-def test_requests_without_the_opt_in_pass_through_untouched(server):
-    middleware, app, recorder, _ = server
+def test_requests_without_the_opt_in_pass_through_untouched(fake_server):
+    middleware, app, recorder, _ = fake_server
     body = {"prompt": "hi", "max_tokens": 3, "vllm_xargs": {"taro_alpha": 0.3}}
     status, out = post(middleware, body)
     assert status == 200 and app.bodies[-1] == body
     assert "taro_alphas" not in out.decode() and "metrics" not in json.loads(out)
 
 
-def test_the_request_asks_vllm_for_token_ids_under_a_trace(server):
-    middleware, app, _, _ = server
+def test_the_request_asks_vllm_for_token_ids_under_a_trace(fake_server):
+    middleware, app, _, _ = fake_server
     post(middleware, {"prompt": "hi", "vllm_xargs": {"taro_alphas": True, "taro_mode": "fixed", "taro_alpha": 0.3}})
     sent = app.bodies[-1]
     assert sent["return_token_ids"] is True and sent["vllm_xargs"]["taro_trace"].startswith("taro-response-")
@@ -153,8 +153,8 @@ def test_the_request_asks_vllm_for_token_ids_under_a_trace(server):
     ({"prompt": "hi", "vllm_xargs": {"taro_alphas": True}}, False, "--taro-return-alphas"),
     ({"prompt": ["a", "b"], "vllm_xargs": {"taro_alphas": True}}, True, "one prompt per request"),
 ])
-def test_what_cannot_be_answered_is_a_400(server, body, enabled, msg):
-    middleware, app, _, settings = server
+def test_what_cannot_be_answered_is_a_400(fake_server, body, enabled, msg):
+    middleware, app, _, settings = fake_server
     settings.enabled = enabled
     n_before = len(app.bodies)
     status, out = post(middleware, body)
@@ -162,8 +162,8 @@ def test_what_cannot_be_answered_is_a_400(server, body, enabled, msg):
     assert len(app.bodies) == n_before  # never reached vLLM
 
 
-def test_a_missing_a_t_is_null_and_counted_not_invented(server):
-    middleware, app, recorder, _ = server
+def test_a_missing_a_t_is_null_and_counted_not_invented(fake_server):
+    middleware, app, recorder, _ = fake_server
     app.tokens = 3
     original = recorder.record
     recorder.record = lambda alpha, trace, *a: None  # an engine that records nothing
@@ -176,8 +176,8 @@ def test_a_missing_a_t_is_null_and_counted_not_invented(server):
     assert out["metrics"]["taro"]["tokens_without_alpha"] == 3 and out["metrics"]["taro"]["mean_alpha"] is None
 
 
-def test_concurrent_streams_share_reads_and_each_gets_its_own_a_t(server):
-    middleware, app, recorder, settings = server
+def test_concurrent_streams_share_reads_and_each_gets_its_own_a_t(fake_server):
+    middleware, app, recorder, settings = fake_server
     body = {"prompt": "hi", "stream": True, "vllm_xargs": {"taro_alphas": True}}
 
     async def run():

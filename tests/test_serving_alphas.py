@@ -8,18 +8,6 @@ import pytest
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def server(taro_server_url):
-    return taro_server_url[0]
-
-
-@pytest.fixture
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
-
-
 def trace(server, trace_id):
     got = httpx.get(f"{server}/v1/taro/alphas/{trace_id}")
     assert got.status_code == 200, got.text

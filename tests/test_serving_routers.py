@@ -7,18 +7,6 @@ import pytest
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def server(taro_server_url):
-    return taro_server_url[0]
-
-
-@pytest.fixture
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
-
-
 def run(client, model="taro", xargs=None, max_tokens=8):
     r = client.completions.create(model=model, prompt="Step 1:", max_tokens=max_tokens, temperature=0,
                                   extra_body={"ignore_eos": True, "return_token_ids": True,

@@ -11,18 +11,6 @@ pytestmark = pytest.mark.engine
 MAX_TOKENS = 20
 
 
-@pytest.fixture(scope="module")
-def server(taro_server_url):
-    return taro_server_url[0]
-
-
-@pytest.fixture
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
-
-
 def complete_ids(client, prompt, xargs=None, **kw):
     r = client.completions.create(model="taro", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
                                   extra_body={"vllm_xargs": xargs or {}, "ignore_eos": True,

@@ -12,11 +12,6 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def server(taro_server_url):
-    return taro_server_url[0]
-
-
-@pytest.fixture(scope="module")
 def browser():
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
