@@ -89,7 +89,7 @@ stage features "$RUN/cache/cache.json" \
 
 stage features_general "$RUN/cache_general/cache.json" \
   python -m router_training features --base "$BASE" --reward "$RUN/reward" --data "$RUN/data/general.jsonl" \
-    --out "$RUN/cache_general" --max-per-file 600
+    --out "$RUN/cache_general" --max-per-file 320
 
 stage router_nll "$RUN/router_nll/model.safetensors" \
   python -m router_training fit-router --cache "$RUN/cache" --out "$RUN/router_nll" --objective nll \
