@@ -1,5 +1,6 @@
-"""taro_logprobs without an engine (taro_vllm/serving/sampled.py): compute_logits stashes the asking rows'
-log-softmax, the wrapped sampler gathers them at the sampled token and records a_t + both log-probs together.
+"""taro_logprobs without an engine (taro_vllm/serving/sampled.py): compute_logits stashes the traced rows' a_t and
+the asking rows' log-softmax, the wrapped sampler gathers them at the sampled token and records a_t + both log-probs
+together, only for rows that sampled (a prefill chunk records nothing, a_t included).
 
 Stand-ins for vLLM's two samplers (the V1 one is an nn.Module called through ``forward``, the V2 one a plain class
 called through ``__call__``) and for the V1 runner's ``discard_request_mask``. The real model through the real V2
@@ -51,7 +52,8 @@ def step_logits(seed: int, rows: int = 3, vocab: int = 11):
 def run_step(sampled: SampledLogprobs, recorder: AlphaRecorder, sampler, trace, asked, seed):
     """What model.compute_logits then the runner do in one step; returns (the step's logits parts, tokens)."""
     z_base, z_reward, alpha, mixed = step_logits(seed, rows=len(trace))
-    trace = sampled.stash(np.asarray(asked), trace, alpha, z_base, z_reward)
+    traced = np.array([i for i, key in enumerate(trace) if key is not None])
+    trace = sampled.stash(traced, trace, alpha, z_base, z_reward, np.asarray(asked))
     recorder.record(alpha, trace)
     tokens = sampler(mixed).sampled_token_ids[:, 0]
     return (z_base, z_reward, alpha), tokens
@@ -71,20 +73,23 @@ def test_logprobs_at_gathers_each_row_at_its_token_and_outside_the_vocabulary_is
     assert logprobs_at(logp, torch.tensor([1, 3]))[1] == float("-inf")  # a token this model has no row for
 
 
-def test_v1_sampler_records_a_t_and_both_logprobs_of_the_sampled_token_only_for_asking_rows_that_sampled():
+def test_v1_sampler_records_a_t_and_both_logprobs_of_the_sampled_token_only_for_rows_that_sampled():
     recorder = AlphaRecorder()
     sampled = SampledLogprobs(recorder)
     runner = SimpleNamespace(sampler=V1Sampler(), discard_request_mask=SimpleNamespace(np=np.zeros(8, dtype=bool)))
     hook_v1_runner(runner, sampled)
     assert isinstance(runner.sampler, V1Sampler) and runner.sampler.marker == "v1"  # still vLLM's sampler
-    # Rows: 0 asks, 1 traced without asking, 2 untraced; row 0's 2nd step is a prefill chunk (nothing sampled).
+    # Rows: 0 asks, 1 traced without asking, 2 untraced; row 0's 2nd step and row 1's 1st are prefill chunks
+    # (nothing sampled).
     trace = [("lp", f"0_{PARENT}"), ("plain", "r1"), None]
-    want = []
+    want, want_plain = [], []
     for step in range(3):
-        runner.discard_request_mask.np[0] = step == 1
+        runner.discard_request_mask.np[:2] = [step == 1, step == 0]
         parts, tokens = run_step(sampled, recorder, runner.sampler, trace, [0], seed=step)
         if step != 1:
             want.append(expected(parts, tokens, 0))
+        if step != 0:
+            want_plain.append(expected(parts, tokens, 1)[0])
     assert sampled.pending is None  # each stash was consumed by its step's sampler call
     got = recorder.pop_trace("lp")
     assert set(got) == {"alphas", "base_logprobs", "reward_logprobs"}
@@ -92,8 +97,8 @@ def test_v1_sampler_records_a_t_and_both_logprobs_of_the_sampled_token_only_for_
     assert got["base_logprobs"] == pytest.approx([w[1] for w in want], abs=1e-6)
     assert got["reward_logprobs"] == pytest.approx([w[2] for w in want], abs=1e-6)
     assert got["base_logprobs"] != got["reward_logprobs"]
-    plain = recorder.pop_trace("plain")
-    assert list(plain) == ["alphas"] and len(plain["alphas"]) == 3  # untouched: a_t as before, every step
+    assert recorder.pop_trace("plain") == {"alphas": pytest.approx(want_plain, abs=1e-7)}  # a_t only, no chunk
+    assert recorder.stats()["count"] == 9  # the histogram counts every row of every step, as before
 
 
 def test_v2_sampler_skips_rows_with_nothing_sampled_and_keeps_choices_apart():
@@ -133,7 +138,7 @@ def test_a_sampler_call_of_another_shape_records_nothing_and_drops_the_stash():
     sampled = SampledLogprobs(recorder)
     sampler = hook_v2_sampler(V2Sampler(), sampled)
     z_base, z_reward, alpha, _ = step_logits(0, rows=2)
-    sampled.stash(np.array([1]), [None, ("t", "r")], alpha, z_base, z_reward)
+    sampled.stash(np.array([1]), [None, ("t", "r")], alpha, z_base, z_reward, np.array([1]))
     sampler(torch.zeros(5, 11))
     assert sampled.pending is None and recorder.pop_trace("t") is None
 

@@ -3,9 +3,10 @@
 * The model records, per step, the weight used for every row into this worker process's :data:`RECORDER`: an
   all-rows histogram (cheap: one ``histc`` over N numbers) and, only for requests that set ``taro_trace``, the
   per-token list, one per engine request: with ``n > 1`` each sample is its own engine request (vLLM's child id
-  ``"{index}_{parent id}"``), so a trace holds one list per choice. Rows that also asked for the models' log-probs
-  (``taro_logprobs``) are recorded after the sampler instead (sampled.py): a_t, the base's and the reward's log-prob
-  of the sampled token, together (:meth:`AlphaRecorder.record_sampled`).
+  ``"{index}_{parent id}"``), so a trace holds one list per choice. Where the sampler is hooked (sampled.py), traced
+  rows are recorded after it instead, only if they sampled a token (a prefill chunk that is not the prompt's last
+  records nothing), and with the base's and the reward's log-prob of that token when asked (``taro_logprobs``):
+  :meth:`AlphaRecorder.record_sampled`.
 * :class:`TaroWorkerExtension` (``--worker-extension-cls``) exposes the recorder to ``collective_rpc``: a whole
   trace once (the trace endpoint), or what is new since the last read (``taro_read_alphas``: the HTTP layer,
   responses.py, puts a_t into responses while they stream).
@@ -129,20 +130,23 @@ class AlphaRecorder:
                         buf.base.append(None)
                         buf.reward.append(None)
 
-    def record_sampled(self, keys: list, alphas: list[float], base: list[float], reward: list[float]) -> None:
-        """Rows that asked for the models' log-probs, after the sampler (sampled.py): per row its trace key, its a_t
-        and the base's and the reward's log-prob of the token sampled (host floats), appended together so the three
-        lists stay aligned. Not counted in the histogram again (``record`` counted every row)."""
+    def record_sampled(self, keys: list, alphas: list[float], base: list, reward: list) -> None:
+        """Traced rows after the sampler (sampled.py), only those that sampled a token: per row its trace key, its
+        a_t and the base's and the reward's log-prob of the token sampled (host floats; a marker object where the
+        row did not ask for them), appended together so the lists stay aligned. Not counted in the histogram again
+        (``record`` counted every row)."""
         with self.lock:
             for key, a, b, r in zip(keys, alphas, base, reward):
                 buf = self._values(key)
                 if len(buf) >= self.max_tokens:
                     continue
-                if buf.base is None:
+                asked = isinstance(b, float)
+                if asked and buf.base is None:
                     buf.base, buf.reward = [None] * len(buf), [None] * len(buf)  # a_t recorded without: unknown
                 buf.append(float(a))
-                buf.base.append(json_logprob(b))
-                buf.reward.append(json_logprob(r))
+                if buf.base is not None:
+                    buf.base.append(json_logprob(b) if asked else None)
+                    buf.reward.append(json_logprob(r) if asked else None)
 
     def _values(self, key) -> _Values:
         """The list of a trace key ((trace, request) or a bare trace id), made (and the oldest trace evicted) when

@@ -4,8 +4,8 @@
                     KV-cache group); returns [h_base | h_reward]
     compute_logits  both heads -> router features -> a_t -> per-row overrides -> (1 - a) z_base + a z_reward
                     (taro_vllm.mix.route_and_mix). Everything after it - logprobs, penalties, sampling - sees the mix.
-                    Rows that asked for the models' own log-probs (taro_logprobs) leave them for the sampler hook
-                    (sampled.py), which records them at the token sampled.
+                    Traced rows leave their a_t (and, with taro_logprobs, both models' own log-softmax) for the
+                    sampler hook (sampled.py), which records them at the token sampled, if one was.
     load_weights    the served (base) checkpoint comes unprefixed, the reward model's as ``reward.*`` via
                     ``secondary_weights``, both checked for NaN/inf as they load (model_files.FiniteWeights); the
                     router is loaded and validated by taro_vllm.checkpoint.
@@ -23,6 +23,7 @@ import logging
 import sys
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -162,9 +163,12 @@ class TaroForCausalLM(nn.Module):
         eos = self._eos_columns(logits.device)
         if eos is not None:  # rows where both models are broken: EOS only
             logits.index_copy_(1, eos, torch.where(dead[:, None], 0.0, logits.index_select(1, eos)))
-        if logprob_rows is not None and trace is not None and self.sampled.hook_v1_caller(sys._getframe(1)):
-            # taro_logprobs rows: their a_t is recorded with the log-probs of the token sampled (sampled.py)
-            trace = self.sampled.stash(logprob_rows, trace, alpha, z_base, z_reward_own)
+        traced = [i for i, key in enumerate(trace) if key is not None] if trace is not None else ()
+        if traced and self.sampled.hook_v1_caller(sys._getframe(1)):
+            # Traced rows are recorded after the sampler, if they sampled, with the log-probs of the token sampled
+            # where asked (taro_logprobs; sampled.py).
+            trace = self.sampled.stash(np.asarray(traced, dtype=np.int64), trace, alpha, z_base, z_reward_own,
+                                       logprob_rows)
         alpha_recording.RECORDER.record(alpha, trace, nonfinite_rows=broken)
         return logits
 

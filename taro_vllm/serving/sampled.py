@@ -36,6 +36,8 @@ import torch
 
 logger = logging.getLogger("taro_vllm")
 
+_NOT_ASKED = object()  # a row that did not ask for log-probs (alphas.AlphaRecorder.record_sampled)
+
 
 def logprobs_at(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """``logp[i, tokens[i]]`` for log-softmax rows ``logp`` [k, V]; -inf for a token outside this model's vocabulary
@@ -55,8 +57,10 @@ class PendingStep:
     index: torch.Tensor  # [k] the same on the device
     keys: list  # [k] their trace keys (alphas.py)
     alpha: torch.Tensor  # [k] fp32 a_t used
-    base: torch.Tensor  # [k, V_base] fp32 log-softmax of the base's logits
-    reward: torch.Tensor  # [k, V_reward] fp32 log-softmax of the reward's own logits
+    asked: np.ndarray  # [k] host bool: the row asked for the models' log-probs too (taro_logprobs)
+    lp_index: torch.Tensor | None  # [m] device row indices of those (None: no row asked)
+    base: torch.Tensor | None  # [m, V_base] fp32 log-softmax of the base's logits
+    reward: torch.Tensor | None  # [m, V_reward] fp32 log-softmax of the reward's own logits
 
 
 class SampledLogprobs:
@@ -77,19 +81,25 @@ class SampledLogprobs:
         return self._recorder
 
     def stash(self, rows: np.ndarray, trace: list, alpha: torch.Tensor, z_base: torch.Tensor,
-              z_reward: torch.Tensor) -> list:
-        """Keep the asking ``rows``' a_t and both models' log-softmax for the sampler hook; returns ``trace`` with
-        those rows removed (their a_t is recorded with their log-probs, after sampling). Without a hooked sampler
-        nothing is kept and ``trace`` comes back unchanged: their a_t are recorded now, their log-probs stay null.
+              z_reward: torch.Tensor, logprob_rows: np.ndarray | None = None) -> list:
+        """Keep the traced ``rows``' a_t, and for those of them in ``logprob_rows`` both models' log-softmax, for the
+        sampler hook; returns ``trace`` with those rows removed (their a_t is recorded after sampling, and only if
+        they sampled). Without a hooked sampler nothing is kept and ``trace`` comes back unchanged: a_t are recorded
+        now, as before, and log-probs stay null.
         """
         if not self.hooked:
             return trace
-        index = torch.from_numpy(rows).to(z_base.device, non_blocking=True)
+        device = z_base.device
+        asked = np.zeros(len(rows), dtype=bool) if logprob_rows is None else np.isin(rows, logprob_rows)
+        index = torch.from_numpy(rows).to(device, non_blocking=True)
+        lp_rows = rows[asked]
+        lp_index = torch.from_numpy(lp_rows).to(device, non_blocking=True) if lp_rows.size else None
         self.pending = PendingStep(
             num_rows=z_base.shape[0], rows=rows, index=index, keys=[trace[i] for i in rows.tolist()],
-            alpha=alpha.index_select(0, index).float(),
-            base=torch.log_softmax(z_base.index_select(0, index).float(), dim=-1),
-            reward=torch.log_softmax(z_reward.index_select(0, index).float(), dim=-1))
+            alpha=alpha.index_select(0, index).float(), asked=asked, lp_index=lp_index,
+            base=None if lp_index is None else torch.log_softmax(z_base.index_select(0, lp_index).float(), dim=-1),
+            reward=None if lp_index is None else torch.log_softmax(z_reward.index_select(0, lp_index).float(),
+                                                                   dim=-1))
         trace = list(trace)
         for i in rows.tolist():
             trace[i] = None
@@ -97,8 +107,8 @@ class SampledLogprobs:
 
     def complete(self, sampled_token_ids: torch.Tensor, sampled: np.ndarray | torch.Tensor | None = None) -> None:
         """The sampler's output of the step: ``sampled_token_ids`` [N, 1] and which rows really sampled (host bool
-        array or device bool tensor [N]; None = all). Records a_t + log-probs of the stashed rows that sampled; one
-        host-device sync, only in steps where a row asked."""
+        array or device bool tensor [N]; None = all). Records the a_t (and the log-probs, where asked) of the
+        stashed rows that sampled; one host-device sync, only in traced steps (as recording at once had)."""
         p, self.pending = self.pending, None
         if p is None:
             return
@@ -106,24 +116,37 @@ class SampledLogprobs:
                 sampled_token_ids.shape[1] != 1:
             # Not this step's sampling call (a dummy run), or a sampler of several tokens per row (speculative
             # decoding, refused at start-up): nothing trustworthy to record.
-            logger.error("TARo: sampler output of shape %s does not match the %d logits rows whose log-probs were "
-                         "asked for; their a_t and log-probs are not recorded", tuple(sampled_token_ids.shape),
-                         p.num_rows)
+            logger.error("TARo: sampler output of shape %s does not match the %d logits rows of the traced step; "
+                         "its a_t are not recorded", tuple(sampled_token_ids.shape), p.num_rows)
             return
-        tokens = sampled_token_ids[:, 0].index_select(0, p.index)
-        cols = [p.alpha, logprobs_at(p.base, tokens), logprobs_at(p.reward, tokens)]
+        k = len(p.keys)
+        cols = [p.alpha]
         if isinstance(sampled, torch.Tensor):
             cols.append(sampled.reshape(-1).index_select(0, p.index).float())
-        host = torch.stack(cols).tolist()  # the one sync
+        if p.lp_index is not None:
+            tokens = sampled_token_ids[:, 0].index_select(0, p.lp_index)
+            cols += [logprobs_at(p.base, tokens), logprobs_at(p.reward, tokens)]
+        host = torch.cat(cols).tolist()  # the one sync
+        alphas = host[:k]
         if sampled is None:
-            keep = [True] * len(p.keys)
+            keep = [True] * k
         elif isinstance(sampled, torch.Tensor):
-            keep = [bool(x) for x in host[3]]
+            keep = [bool(x) for x in host[k:2 * k]]
         else:
             keep = np.asarray(sampled, dtype=bool)[p.rows].tolist()
-        picked = [j for j, k in enumerate(keep) if k]
-        self.recorder.record_sampled([p.keys[j] for j in picked], [host[0][j] for j in picked],
-                                     [host[1][j] for j in picked], [host[2][j] for j in picked])
+        lp = iter(())
+        if p.lp_index is not None:
+            m = int(p.asked.sum())
+            lp = iter(zip(host[-2 * m:-m], host[-m:]))
+        keys, values, base, reward = [], [], [], []
+        for j in range(k):
+            b, r = next(lp) if p.asked[j] else (None, None)
+            if keep[j]:
+                keys.append(p.keys[j])
+                values.append(alphas[j])
+                base.append(b if p.asked[j] else _NOT_ASKED)
+                reward.append(r if p.asked[j] else _NOT_ASKED)
+        self.recorder.record_sampled(keys, values, base, reward)
 
     # --- wrapping the samplers -------------------------------------------------------------------------------
 
@@ -137,8 +160,9 @@ class SampledLogprobs:
         runner = _v1_runner(frame)
         if runner is None:
             self._v1_search_failed = True
-            logger.error("TARo: taro_logprobs asked, but the model runner's sampler could not be found (not vLLM's "
-                         "V1 runner, or its internals moved); those responses carry a_t with null log-probs")
+            logger.error("TARo: the model runner's sampler could not be found (not vLLM's V1 runner, or its "
+                         "internals moved): a_t are recorded before sampling (a prefill chunk then records one "
+                         "too) and taro_logprobs responses carry null log-probs")
             return False
         hook_v1_runner(runner, self)
         return True
