@@ -319,7 +319,8 @@ def test_the_v2_custom_sampler_records_a_t_with_each_models_logprob_of_the_sampl
             zb = model.base.compute_logits(h[:, :model.hidden_sizes[0]])
             zr = model.reward.compute_logits(h[:, model.hidden_sizes[0]:])
             t = int(tokens[1])
-            want.append((torch.log_softmax(zb[1].float(), -1)[t].item(), torch.log_softmax(zr[1].float(), -1)[t].item()))
+            want.append((torch.log_softmax(zb[1].float(), -1)[t].item(),
+                         torch.log_softmax(zr[1].float(), -1)[t].item()))
             if step:
                 want_plain.append(model.router.weight(zb[0:1], zr[0:1]).alpha.item())
         got = RECORDER.pop_trace("v2-lp")
