@@ -3,23 +3,25 @@
 
 The sampled token is only known after vLLM's sampler has run, after ``compute_logits``. So a step goes:
 
-1. ``compute_logits`` (model.py), for the rows that asked and only for them, stashes here the log-softmax of each
-   model's own logits (its full vocabulary, before the mix: ``[k, V]`` for the k rows that asked) and their a_t
-   (:meth:`SampledLogprobs.stash`), instead of recording their a_t at once. Steps where no row asked stash nothing.
-2. The sampler, wrapped once per engine, hands its output to :meth:`SampledLogprobs.complete`: each stashed row's
+1. ``compute_logits`` (model.py) stashes here the a_t of the traced rows (``taro_trace``; ``taro_alphas`` sets one)
+   and, for the rows that asked for log-probs and only for them, the log-softmax of each model's own logits (its
+   full vocabulary, before the mix: ``[m, V]`` for the m rows that asked) (:meth:`SampledLogprobs.stash`), instead
+   of recording their a_t at once. Untraced steps stash nothing.
+2. The sampler, wrapped once per engine, hands its output to :meth:`SampledLogprobs.complete`: each asking row's
    log-probs are gathered at the token it sampled, and a_t and both log-probs are recorded together
    (``AlphaRecorder.record_sampled``: the three lists stay aligned). Rows that did not sample this step (a prefill
-   chunk that is not the prompt's last one) record nothing; their tokens are discarded by vLLM too.
+   chunk that is not the prompt's last one) record nothing, a_t included; vLLM discards their tokens too.
 
 How the sampler is wrapped:
 
 * V2 model runner: vLLM's own hook, ``ModelState.custom_sampler`` (``rows.TaroModelState``), at start-up; which rows
   sampled is the sampler output's ``num_sampled``.
-* V1 model runner (CPU; GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``) has no hook. The first step where a row asks, the
-  model finds the runner that called ``compute_logits`` (its caller's frame, a vLLM 0.32 internal, like
+* V1 model runner (CPU; GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``) has no hook. At the first traced step the model
+  finds the runner that called ``compute_logits`` (its caller's frame, a vLLM 0.32 internal, like
   ``rows._v1_batch_req_ids``) and wraps that runner's sampler; which rows sampled is the runner's
-  ``discard_request_mask``. If the runner cannot be found, the rows get their a_t as before and null log-probs
-  (logged; the response's summary counts them as ``tokens_without_logprobs``), never invented ones.
+  ``discard_request_mask``. If the runner cannot be found, traced rows get their a_t recorded at once as before
+  (a prefill chunk records one too) and null log-probs (logged; the response's summary counts them as
+  ``tokens_without_logprobs``), never invented ones.
 
 The sampler keeps its class's behaviour and attributes: it becomes an instance of a subclass that calls the original
 method, then the hook (one attribute check when nothing is stashed).
