@@ -16,20 +16,27 @@ def a_t(choice: int, step: int) -> float:
     return (1 + 2 * choice) / 16 + step / 64  # exact in fp32, as the recorder stores them
 
 
+def logprob(model: str, choice: int, step: int) -> float:
+    return -(1.0 if model == "base" else 2.0) - choice - step / 8
+
+
 class FakeCompletions:
     """vLLM's /v1/completions in miniature: n choices of `tokens` tokens each, streamed one token per chunk (with
-    return_token_ids, token ids in every chunk); records each token's a_t under the request's trace first."""
+    return_token_ids, token ids in every chunk); records each token's a_t under the request's trace first (with
+    taro_logprobs, a_t and the models' log-probs together, as the engine's sampler hook does)."""
 
     def __init__(self, recorder: AlphaRecorder, tokens: int = 5):
         self.recorder = recorder
         self.tokens = tokens
         self.bodies = []
+        self.records_logprobs = True  # False: an engine whose sampler hook is missing (a_t only)
 
     async def __call__(self, scope, receive, send):
         body = json.loads((await receive())["body"])
         self.bodies.append(body)
         n, stream = body.get("n", 1), body.get("stream", False)
         trace = (body.get("vllm_xargs") or {}).get("taro_trace")
+        logprobs = (body.get("vllm_xargs") or {}).get("taro_logprobs") and self.records_logprobs
         with_ids = body.get("return_token_ids", False)
         if stream:
             await send({"type": "http.response.start", "status": 200,
@@ -37,7 +44,10 @@ class FakeCompletions:
         choices = [{"index": i, "text": "", **({"token_ids": []} if with_ids else {})} for i in range(n)]
         for step in range(self.tokens):
             for i in range(n):
-                if trace:
+                if trace and logprobs:
+                    self.recorder.record_sampled([(trace, f"{i}_cmpl-1")], [a_t(i, step)],
+                                                 [logprob("base", i, step)], [logprob("reward", i, step)])
+                elif trace:
                     self.recorder.record(torch.tensor([a_t(i, step)]), [(trace, f"{i}_cmpl-1")])
                 tok = 100 * i + step
                 if stream:
@@ -107,6 +117,7 @@ def test_each_choice_carries_the_a_t_of_its_tokens_and_the_summary_is_in_metrics
     for c in out["choices"]:
         assert c["taro_alphas"] == [a_t(c["index"], s) for s in range(5)]
         assert "token_ids" not in c  # the client did not ask for them
+        assert "taro_base_logprobs" not in c and "taro_reward_logprobs" not in c  # not asked for either
     every = [a_t(i, s) for i in range(2) for s in range(5)]
     assert out["metrics"]["taro"] == {"mode": "router", "router": "math-router", "num_tokens": 10,
                                       "mean_alpha": pytest.approx(sum(every) / 10),
@@ -187,3 +198,48 @@ def test_concurrent_streams_share_reads_and_each_gets_its_own_a_t(fake_server):
         chunks = sse_chunks(out)
         assert [a for c in chunks[:-1] for a in c["choices"][0]["taro_alphas"]] == [a_t(0, s) for s in range(5)]
     assert settings.feed.reads <= 8 * 5 // 2  # one read serves every stream waiting at that moment
+
+
+# --- taro_logprobs: the base's and the reward's log-prob of each sampled token -----------------------------------
+
+
+def test_with_taro_logprobs_each_choice_carries_three_aligned_lists(fake_server):
+    middleware, app, recorder, _ = fake_server
+    status, body = post(middleware, {"prompt": "hi", "n": 2,
+                                     "vllm_xargs": {"taro_alphas": True, "taro_logprobs": True}})
+    out = json.loads(body)
+    assert status == 200 and app.bodies[-1]["vllm_xargs"]["taro_logprobs"] is True  # the engine is asked too
+    for c in out["choices"]:
+        i = c["index"]
+        assert c["taro_alphas"] == [a_t(i, s) for s in range(5)]
+        assert c["taro_base_logprobs"] == [logprob("base", i, s) for s in range(5)]
+        assert c["taro_reward_logprobs"] == [logprob("reward", i, s) for s in range(5)]
+    assert "tokens_without_logprobs" not in out["metrics"]["taro"]
+
+
+def test_streamed_chunks_carry_the_logprobs_of_their_tokens(fake_server):
+    middleware, app, recorder, _ = fake_server
+    status, body = post(middleware, {"prompt": "hi", "n": 2, "stream": True, "vllm_xargs": {
+        "taro_alphas": True, "taro_logprobs": True, "taro_trace": "lp-stream"}})
+    streamed = {i: {"taro_alphas": [], "taro_base_logprobs": [], "taro_reward_logprobs": []} for i in (0, 1)}
+    for chunk in sse_chunks(body)[:-1]:
+        (c,) = chunk["choices"]
+        assert len(c["taro_alphas"]) == len(c["taro_base_logprobs"]) == len(c["taro_reward_logprobs"]) == 1
+        for name, values in streamed[c["index"]].items():
+            values += c[name]
+    for i in (0, 1):
+        assert streamed[i]["taro_base_logprobs"] == [logprob("base", i, s) for s in range(5)]
+        assert streamed[i]["taro_reward_logprobs"] == [logprob("reward", i, s) for s in range(5)]
+    # The trace endpoint has them too, next to the a_t of each choice.
+    choices = recorder.pop_trace("lp-stream")["choices"]
+    assert [c["base_logprobs"] for c in choices] == [streamed[i]["taro_base_logprobs"] for i in (0, 1)]
+
+
+def test_logprobs_the_engine_did_not_record_are_null_and_counted(fake_server):
+    middleware, app, recorder, _ = fake_server
+    app.records_logprobs = False  # e.g. a runner whose sampler could not be wrapped: a_t only
+    status, body = post(middleware, {"prompt": "hi", "vllm_xargs": {"taro_alphas": True, "taro_logprobs": True}})
+    (c,) = json.loads(body)["choices"]
+    assert c["taro_alphas"] == [a_t(0, s) for s in range(5)]
+    assert c["taro_base_logprobs"] is None and c["taro_reward_logprobs"] is None
+    assert json.loads(body)["metrics"]["taro"]["tokens_without_logprobs"] == 5

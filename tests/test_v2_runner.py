@@ -287,6 +287,52 @@ def test_n_samples_of_one_traced_request_get_one_list_each(state, model):
                                                     {"index": 1, "alphas": [0.25] * 2}]}
 
 
+def test_the_v2_custom_sampler_records_a_t_with_each_models_logprob_of_the_sampled_token(state, model):
+    """taro_logprobs on the V2 path: vLLM's hook for wrapping the sampler (``ModelState.custom_sampler``), through
+    the real model state and model, with a stand-in for the sampler itself (V2's ``SamplerOutput``; the real one
+    needs Triton). A row whose prefill is not complete (``num_sampled`` 0) records nothing, a_t included."""
+    from vllm.v1.worker.gpu.sample.output import SamplerOutput
+
+    from taro_vllm.serving.alphas import RECORDER
+
+    class GreedySampler:
+        partial: set = set()
+
+        def __call__(self, logits, input_batch):
+            n = logits.shape[0]
+            return SamplerOutput(sampled_token_ids=logits.argmax(-1, keepdim=True).int(), logprobs_tensors=None,
+                                 num_nans=None, num_rejected=torch.zeros(n, dtype=torch.int32),
+                                 num_sampled=torch.tensor([0 if i in self.partial else 1 for i in range(n)]))
+
+    sampler, rejection_sampler = state.custom_sampler(GreedySampler())
+    assert rejection_sampler is None and isinstance(sampler, GreedySampler)
+    try:
+        state.add_request(0, new_request("a", taro_alphas=True, taro_trace="v2-lp", taro_logprobs=True))
+        state.add_request(1, new_request("b", taro_trace="v2-plain"))
+        state.add_request(2, new_request("c", taro_alpha=0.5))
+        want, want_plain = [], []
+        for step in range(3):
+            sampler.partial = {0} if step == 0 else set()  # row 0 (request b): a prefill chunk at first
+            state.prepare_inputs(decode_batch([1, 0, 2]), None)  # rows: b, a, c
+            h = hidden(model, 3, seed=20 + step)
+            tokens = sampler(model.compute_logits(h), None).sampled_token_ids[:, 0]
+            zb = model.base.compute_logits(h[:, :model.hidden_sizes[0]])
+            zr = model.reward.compute_logits(h[:, model.hidden_sizes[0]:])
+            t = int(tokens[1])
+            want.append((torch.log_softmax(zb[1].float(), -1)[t].item(),
+                         torch.log_softmax(zr[1].float(), -1)[t].item()))
+            if step:
+                want_plain.append(model.router.weight(zb[0:1], zr[0:1]).alpha.item())
+        got = RECORDER.pop_trace("v2-lp")
+        assert len(got["alphas"]) == 3 and all(0 < a < 1 for a in got["alphas"])
+        assert got["base_logprobs"] == pytest.approx([w[0] for w in want], abs=1e-5)
+        assert got["reward_logprobs"] == pytest.approx([w[1] for w in want], abs=1e-5)
+        assert RECORDER.pop_trace("v2-plain") == {"alphas": pytest.approx(want_plain, abs=1e-6)}
+    finally:
+        model.sampled.hooked = False  # the module's other tests call compute_logits with no sampler after it
+        model.sampled.pending = None
+
+
 def test_prompt_embeds_are_refused_by_vllms_model_state_check(vllm_config, model, use_v2, monkeypatch):
     """D10: vLLM's init_model_state refuses --enable-prompt-embeds for a state that does not support it (the model
     would otherwise fail in the profiling run); the model's own check refuses it even earlier."""

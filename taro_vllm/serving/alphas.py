@@ -3,7 +3,10 @@
 * The model records, per step, the weight used for every row into this worker process's :data:`RECORDER`: an
   all-rows histogram (cheap: one ``histc`` over N numbers) and, only for requests that set ``taro_trace``, the
   per-token list, one per engine request: with ``n > 1`` each sample is its own engine request (vLLM's child id
-  ``"{index}_{parent id}"``), so a trace holds one list per choice.
+  ``"{index}_{parent id}"``), so a trace holds one list per choice. Where the sampler is hooked (sampled.py), traced
+  rows are recorded after it instead, only if they sampled a token (a prefill chunk that is not the prompt's last
+  records nothing), and with the base's and the reward's log-prob of that token when asked (``taro_logprobs``):
+  :meth:`AlphaRecorder.record_sampled`.
 * :class:`TaroWorkerExtension` (``--worker-extension-cls``) exposes the recorder to ``collective_rpc``: a whole
   trace once (the trace endpoint), or what is new since the last read (``taro_read_alphas``: the HTTP layer,
   responses.py, puts a_t into responses while they stream).
@@ -16,6 +19,7 @@
 import asyncio
 import json
 import logging
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -46,6 +50,32 @@ def choice_indices(request_ids: list) -> list[int]:
     return list(range(len(request_ids)))
 
 
+LOGPROB_FLOOR = -9999.0  # vLLM's own floor for -inf log-probs in its responses (JSON has no -inf)
+
+
+def json_logprob(x: float) -> float | None:
+    """A log-prob as JSON can carry it: -inf (the model masks the token) as vLLM's -9999.0, NaN (the model's logits
+    were broken, alphas.py / model.py) as null."""
+    if math.isnan(x):
+        return None
+    return max(x, LOGPROB_FLOOR)
+
+
+class _Values(list):
+    """One engine request's a_t list; ``base`` / ``reward`` hold the models' log-prob of each sampled token, one per
+    a_t, when the request asked for them (else None)."""
+
+    base: list | None = None
+    reward: list | None = None
+
+    def entry(self, start: int = 0) -> dict[str, list]:
+        out = {"alphas": list(self[start:])}
+        if self.base is not None:
+            out["base_logprobs"] = self.base[start:]
+            out["reward_logprobs"] = self.reward[start:]
+        return out
+
+
 class AlphaRecorder:
     """Per-process store of a_t: traces by id (bounded, oldest evicted) and a running histogram.
 
@@ -60,7 +90,7 @@ class AlphaRecorder:
     def __init__(self, max_traces: int = 4096, max_tokens: int = 65536):
         self.max_traces = max_traces
         self.max_tokens = max_tokens
-        self.traces: OrderedDict[str, dict[str | None, list[float]]] = OrderedDict()  # trace -> request -> a_t
+        self.traces: OrderedDict[str, dict[str | None, _Values]] = OrderedDict()  # trace -> request -> a_t
         self.read_upto: dict[str, dict[str | None, int]] = {}  # trace -> request -> entries already read
         self.bucket_counts = [0] * len(BUCKETS)
         self.count = 0
@@ -93,17 +123,44 @@ class AlphaRecorder:
             for row, key in enumerate(trace):
                 if key is None:
                     continue
-                key, request = key if isinstance(key, tuple) else (key, None)
-                per_request = self.traces.get(key)
-                if per_request is None:
-                    per_request = self.traces[key] = {}
-                    while len(self.traces) > self.max_traces:
-                        self.read_upto.pop(self.traces.popitem(last=False)[0], None)
-                buf = per_request.get(request)
-                if buf is None:
-                    buf = per_request[request] = []
+                buf = self._values(key)
                 if len(buf) < self.max_tokens:
                     buf.append(float(host[row]))
+                    if buf.base is not None:  # a row of a trace that has log-probs elsewhere: unknown here
+                        buf.base.append(None)
+                        buf.reward.append(None)
+
+    def record_sampled(self, keys: list, alphas: list[float], base: list, reward: list) -> None:
+        """Traced rows after the sampler (sampled.py), only those that sampled a token: per row its trace key, its
+        a_t and the base's and the reward's log-prob of the token sampled (host floats; a marker object where the
+        row did not ask for them), appended together so the lists stay aligned. Not counted in the histogram again
+        (``record`` counted every row)."""
+        with self.lock:
+            for key, a, b, r in zip(keys, alphas, base, reward):
+                buf = self._values(key)
+                if len(buf) >= self.max_tokens:
+                    continue
+                asked = isinstance(b, float)
+                if asked and buf.base is None:
+                    buf.base, buf.reward = [None] * len(buf), [None] * len(buf)  # a_t recorded without: unknown
+                buf.append(float(a))
+                if buf.base is not None:
+                    buf.base.append(json_logprob(b) if asked else None)
+                    buf.reward.append(json_logprob(r) if asked else None)
+
+    def _values(self, key) -> _Values:
+        """The list of a trace key ((trace, request) or a bare trace id), made (and the oldest trace evicted) when
+        new. Caller holds the lock."""
+        key, request = key if isinstance(key, tuple) else (key, None)
+        per_request = self.traces.get(key)
+        if per_request is None:
+            per_request = self.traces[key] = {}
+            while len(self.traces) > self.max_traces:
+                self.read_upto.pop(self.traces.popitem(last=False)[0], None)
+        buf = per_request.get(request)
+        if buf is None:
+            buf = per_request[request] = _Values()
+        return buf
 
     def _fold(self) -> None:
         """Move the device accumulators into the host totals (caller holds the lock)."""
@@ -124,23 +181,25 @@ class AlphaRecorder:
 
     def pop_trace(self, key: str) -> dict | None:
         """A trace, removed: ``{"alphas": [...]}`` when one request recorded it (``n = 1``, the shape it always had),
-        ``{"choices": [{"index": i, "alphas": [...]}, ...]}`` (sorted by index) when several did (``n > 1``)."""
+        ``{"choices": [{"index": i, "alphas": [...]}, ...]}`` (sorted by index) when several did (``n > 1``); with
+        ``base_logprobs`` and ``reward_logprobs`` next to ``alphas`` when the request asked for them."""
         with self.lock:
             per_request = self.traces.pop(key, None)
             self.read_upto.pop(key, None)
         if per_request is None:
             return None
         if len(per_request) == 1:
-            return {"alphas": next(iter(per_request.values()))}
+            return next(iter(per_request.values())).entry()
         indices = choice_indices(list(per_request))
-        return {"choices": sorted(({"index": i, "alphas": a} for i, a in zip(indices, per_request.values())),
+        return {"choices": sorted(({"index": i, **v.entry()} for i, v in zip(indices, per_request.values())),
                                   key=lambda c: c["index"])}
 
-    def read_new(self, keys: list[str], forget: list[str] = ()) -> dict[str, dict[str, list[float]]]:
+    def read_new(self, keys: list[str], forget: list[str] = ()) -> dict[str, dict[str, dict[str, list]]]:
         """What each trace recorded since the last ``read_new`` of it, by choice index (a string: the answer crosses
-        process boundaries; traces with nothing new are left out); then the ``forget`` traces are dropped. Reading
-        does not remove: the trace endpoint still returns a whole trace that was read."""
-        out: dict[str, dict[str, list[float]]] = {}
+        process boundaries; traces with nothing new are left out): ``{"alphas": [...]}``, plus ``base_logprobs``
+        and ``reward_logprobs`` when recorded. Then the ``forget`` traces are dropped. Reading does not remove: the
+        trace endpoint still returns a whole trace that was read."""
+        out: dict[str, dict[str, dict[str, list]]] = {}
         with self.lock:
             for key in keys:
                 per_request = self.traces.get(key)
@@ -151,7 +210,7 @@ class AlphaRecorder:
                 for index, (request, values) in zip(choice_indices(list(per_request)), per_request.items()):
                     start = upto.get(request, 0)
                     if len(values) > start:
-                        new[str(index)] = values[start:]
+                        new[str(index)] = values.entry(start)
                         upto[request] = len(values)
                 if new:
                     out[key] = new

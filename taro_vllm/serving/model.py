@@ -4,6 +4,8 @@
                     KV-cache group); returns [h_base | h_reward]
     compute_logits  both heads -> router features -> a_t -> per-row overrides -> (1 - a) z_base + a z_reward
                     (taro_vllm.mix.route_and_mix). Everything after it - logprobs, penalties, sampling - sees the mix.
+                    Traced rows leave their a_t (and, with taro_logprobs, both models' own log-softmax) for the
+                    sampler hook (sampled.py), which records them at the token sampled, if one was.
     load_weights    the served (base) checkpoint comes unprefixed, the reward model's as ``reward.*`` via
                     ``secondary_weights``, both checked for NaN/inf as they load (model_files.FiniteWeights); the
                     router is loaded and validated by taro_vllm.checkpoint.
@@ -18,8 +20,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +36,7 @@ from taro_vllm.serving.args import NO_WEIGHT_CHECK_ENV, weight_check_enabled
 from taro_vllm.serving.options import TaroDefaults
 from taro_vllm.serving.routers import GroupedRouters, RouterSet, served_routers
 from taro_vllm.serving.rows import RowState, register_rows
+from taro_vllm.serving.sampled import SampledLogprobs
 
 logger = logging.getLogger("taro_vllm")
 
@@ -97,6 +102,7 @@ class TaroForCausalLM(nn.Module):
         self.eos_token_id = getattr(hf, "eos_token_id", None)
         self.rows.router_slot_for = self._router_slot
         register_rows(vllm_config, self.rows)  # where this engine's V1 feeder finds them (rows.py)
+        self.sampled = SampledLogprobs()  # taro_logprobs: compute_logits -> the sampler hook (sampled.py)
 
     # --- routers --------------------------------------------------------------------------------------------------
 
@@ -145,9 +151,10 @@ class TaroForCausalLM(nn.Module):
         z_reward = self.reward.compute_logits(h_reward)
         if z_base is None:  # not the last pipeline rank
             return None
-        z_reward = mix.align_vocab(z_reward, z_base)
+        z_reward_own, z_reward = z_reward, mix.align_vocab(z_reward, z_base)
         with self.rows.lock:
             override, trace, needs_router, groups = self.rows.take(z_base.shape[0], z_base.device)
+            logprob_rows = self.rows.taken_logprob_rows
         override, dead, broken = self._route_around_nonfinite(z_base, z_reward, override)
         router = self.router if groups is None else GroupedRouters(self.routers, groups)
         res = mix.route_and_mix(z_base, z_reward, router=router, override=override, needs_router=needs_router)
@@ -156,6 +163,12 @@ class TaroForCausalLM(nn.Module):
         eos = self._eos_columns(logits.device)
         if eos is not None:  # rows where both models are broken: EOS only
             logits.index_copy_(1, eos, torch.where(dead[:, None], 0.0, logits.index_select(1, eos)))
+        traced = [i for i, key in enumerate(trace) if key is not None] if trace is not None else ()
+        if traced and self.sampled.hook_v1_caller(sys._getframe(1)):
+            # Traced rows are recorded after the sampler, if they sampled, with the log-probs of the token sampled
+            # where asked (taro_logprobs; sampled.py).
+            trace = self.sampled.stash(np.asarray(traced, dtype=np.int64), trace, alpha, z_base, z_reward_own,
+                                       logprob_rows)
         alpha_recording.RECORDER.record(alpha, trace, nonfinite_rows=broken)
         return logits
 

@@ -8,6 +8,8 @@ defaults a request without them gets. Pure (no vllm import): parsing, validation
     {"taro_trace": "my-id"}                      record a_t per token; fetch with GET /v1/taro/alphas/my-id
     {"taro_alphas": true}                        a_t of each token in the response itself (server flag
                                                  --taro-return-alphas; the HTTP layer, responses.py, sets taro_trace)
+    {"taro_alphas": true, "taro_logprobs": true}  also the base's and the reward's log-prob of each sampled token
+                                                 (sampled.py records them after the sampler)
 
 How a request's weight reaches its batch row: ``rows.py``.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
@@ -24,7 +26,7 @@ from taro_vllm.serving.args import MODES
 
 logger = logging.getLogger("taro_vllm")
 
-XARG_KEYS = ("taro_mode", "taro_alpha", "taro_trace", "taro_alphas", "taro_router")
+XARG_KEYS = ("taro_mode", "taro_alpha", "taro_trace", "taro_alphas", "taro_logprobs", "taro_router")
 
 
 class TaroRequestOptions(BaseModel):
@@ -34,6 +36,7 @@ class TaroRequestOptions(BaseModel):
     taro_alpha: float | None = None
     taro_trace: str | None = None
     taro_alphas: bool | None = None
+    taro_logprobs: bool | None = None
     taro_router: str | None = None
 
     @field_validator("taro_alpha", mode="before")
@@ -65,11 +68,11 @@ class TaroRequestOptions(BaseModel):
             raise ValueError(f"taro_router must be a router name (letters, digits, '.', '_', '-'), got {v!r}")
         return v
 
-    @field_validator("taro_alphas", mode="before")
+    @field_validator("taro_alphas", "taro_logprobs", mode="before")
     @classmethod
-    def _alphas_is_a_boolean(cls, v: Any) -> Any:
+    def _flag_is_a_boolean(cls, v: Any, info) -> Any:
         if v is not None and not isinstance(v, bool):
-            raise ValueError(f"taro_alphas must be true or false, got {v!r}")
+            raise ValueError(f"{info.field_name} must be true or false, got {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -79,6 +82,9 @@ class TaroRequestOptions(BaseModel):
             # it the request would come back without its a_t, silently.
             raise ValueError("taro_alphas needs taro-vllm's HTTP layer (the taro_alphas endpoint plugin, which "
                              "taro-vllm serve loads) and a server started with --taro-return-alphas")
+        if self.taro_logprobs and not self.taro_alphas:
+            raise ValueError("taro_logprobs adds the base's and the reward's log-prob of each sampled token to the "
+                             'a_t in the response: set "taro_alphas": true too')
         if self.taro_mode == "fixed" and self.taro_alpha is None:
             raise ValueError('taro_mode "fixed" needs taro_alpha in [0, 1]')
         if self.taro_mode in ("router", "base", "reward") and self.taro_alpha is not None:
@@ -143,9 +149,18 @@ class TaroDefaults(BaseModel):
         return TaroRequestOptions().weight(self.mode, self.alpha)
 
 
-def options_or_default(extra_args: Any, defaults: TaroDefaults) -> tuple[float, str | None, str | None]:
-    """(weight, trace id, router name or None for the default router) of a request, inside the engine: never
-    raises.
+class RowOptions(NamedTuple):
+    """What the engine needs of one request's options (:func:`options_or_default`)."""
+
+    weight: float  # the row override: [0, 1], NaN = a router
+    trace: str | None  # taro_trace: record a_t under this id
+    router: str | None  # the router by name; None = the default router
+    logprobs: bool = False  # taro_logprobs: also record the base's and reward's log-prob of each sampled token
+
+
+def options_or_default(extra_args: Any, defaults: TaroDefaults) -> RowOptions:
+    """(weight, trace id, router name or None for the default router, logprobs asked) of a request, inside the
+    engine: never raises.
 
     Requests are validated at admission (``TaroLogitsProcessor.validate_params``); an option that still reaches the
     engine invalid (a frontend without the validator) must not kill the engine with every in-flight request, so it
@@ -154,8 +169,9 @@ def options_or_default(extra_args: Any, defaults: TaroDefaults) -> tuple[float, 
     try:
         opts = parse_options(extra_args)
         mode_weight = opts.weight("router" if opts.taro_router else defaults.mode, defaults.alpha)
-        return mode_weight, opts.taro_trace, opts.taro_router
+        return RowOptions(mode_weight, opts.taro_trace, opts.taro_router,
+                          bool(opts.taro_logprobs) and opts.taro_trace is not None)
     except Exception as e:  # noqa: BLE001 - any bad input: the engine keeps serving
         logger.error("TARo: invalid per-request options %r reached the engine (%s); using the server default",
                      extra_args, e)
-        return defaults.weight, None, None
+        return RowOptions(defaults.weight, None, None)

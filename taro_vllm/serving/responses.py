@@ -13,6 +13,9 @@ routers or modes, and a_t in the responses themselves (per choice, in every stre
    the a_t of its tokens, read from the engine by :class:`AlphaFeed` (one ``collective_rpc`` serves every stream
    waiting at that moment); the last message gets ``metrics.taro`` (mode, router, tokens, mean a, share of tokens
    with a > 0.5), vLLM's place for per-request summaries. Token ids the client did not ask for are removed again.
+   With ``"taro_logprobs": true`` too, each choice also gets ``taro_base_logprobs`` and ``taro_reward_logprobs``:
+   each model's own log-prob (log-softmax of its logits, before the mix) of each token sampled, recorded in the
+   engine after the sampler (sampled.py) together with the a_t, so the three lists are aligned.
 
 Everything else passes through untouched (a body without ``taro_`` or a router / alias name is not even parsed).
 The engine side (recording a_t per traced row, ``taro_read_alphas``) is in alphas.py; loading routers in
@@ -33,10 +36,14 @@ logger = logging.getLogger("taro_vllm")
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 OPT_IN = "taro_alphas"
+LOGPROBS_OPT_IN = "taro_logprobs"
+# response field of each choice <- the recorder's name (alphas.py)
+LOGPROB_FIELDS = {"taro_base_logprobs": "base_logprobs", "taro_reward_logprobs": "reward_logprobs"}
 PRIVATE_TRACE_PREFIX = "taro-response-"
 
-# Reads a_t recorded since the last read: (trace ids, traces to drop) -> {trace: {choice index (str): [a_t, ...]}}
-ReadAlphas = Callable[[list[str], list[str]], Awaitable[dict[str, dict[str, list[float]]]]]
+# Reads a_t recorded since the last read: (trace ids, traces to drop) ->
+# {trace: {choice index (str): {"alphas": [a_t, ...], and when recorded "base_logprobs" / "reward_logprobs"}}}
+ReadAlphas = Callable[[list[str], list[str]], Awaitable[dict[str, dict[str, dict[str, list]]]]]
 
 
 class BadRequest(ValueError):
@@ -56,7 +63,7 @@ class AlphaFeed:
         self._read = read
         self.max_empty_reads = max_empty_reads
         self.forget_batch = forget_batch
-        self._buffers: dict[str, dict[int, list[float]]] = {}
+        self._buffers: dict[str, dict[int, dict[str, list]]] = {}  # trace -> choice -> "alphas"/... -> values
         self._forget: list[str] = []
         self._inflight: asyncio.Future | None = None
         self.reads = 0
@@ -72,20 +79,24 @@ class AlphaFeed:
             if len(self._forget) >= self.forget_batch and (self._inflight is None or self._inflight.done()):
                 self._inflight = asyncio.ensure_future(self._read_once())
 
-    async def take(self, key: str, choice: int, start: int, count: int) -> list[float] | None:
-        """a_t of tokens ``start .. start + count`` of one choice; None if the engine never recorded them."""
+    def _have(self, key: str, choice: int) -> dict[str, list]:
+        return self._buffers.get(key, {}).get(choice, {})
+
+    async def take(self, key: str, choice: int, start: int, count: int) -> dict[str, list] | None:
+        """Tokens ``start .. start + count`` of one choice: ``{"alphas": [...]}``, plus ``base_logprobs`` and
+        ``reward_logprobs`` when the engine recorded them; None if the engine never recorded these tokens."""
         empty = 0
         while True:
-            have = self._buffers.get(key, {}).get(choice, [])
-            if len(have) >= start + count:
-                return have[start:start + count]
-            before = len(have)
+            have = self._have(key, choice)
+            if len(have.get("alphas", ())) >= start + count:
+                return {name: values[start:start + count] for name, values in have.items()}
+            before = len(have.get("alphas", ()))
             try:
                 await self._refresh()
             except Exception as e:  # noqa: BLE001 - engine gone: the tokens still go out, without a_t
                 logger.error("TARo: could not read a_t from the engine (%s)", e)
                 return None
-            if len(self._buffers.get(key, {}).get(choice, [])) == before:
+            if len(self._have(key, choice).get("alphas", ())) == before:
                 empty += 1  # the first read may have been sent before the tokens existed; more than a few: lost
                 if empty >= self.max_empty_reads:
                     logger.error("TARo: the engine has no a_t for trace %r choice %d tokens %d..%d", key, choice,
@@ -104,8 +115,12 @@ class AlphaFeed:
         for key, per_choice in got.items():
             buffers = self._buffers.get(key)
             if buffers is not None:
-                for index, values in per_choice.items():
-                    buffers.setdefault(int(index), []).extend(values)
+                for index, entry in per_choice.items():
+                    buf = buffers.setdefault(int(index), {})
+                    known = len(buf.get("alphas", ()))
+                    for name, values in entry.items():
+                        # a list that starts late (log-probs after a_t without them) stays aligned: null before
+                        buf.setdefault(name, [None] * known).extend(values)
 
 
 @dataclass
@@ -114,6 +129,7 @@ class Plan:
 
     body: dict[str, Any]
     alphas: bool  # a_t asked for (vllm_xargs.taro_alphas)
+    logprobs: bool = False  # the models' log-probs of each sampled token asked for too (vllm_xargs.taro_logprobs)
     key: str | None = None  # the trace id the engine records a_t under
     private: bool = False  # the key is ours (dropped in the engine afterwards), not the client's taro_trace
     wants_token_ids: bool = False  # the client asked for return_token_ids itself
@@ -123,6 +139,7 @@ class Plan:
     sent: dict[int, int] = field(default_factory=dict)  # choice index -> tokens annotated so far
     values: list[float] = field(default_factory=list)  # every a_t sent, for the summary
     missing: int = 0  # tokens whose a_t the engine did not have
+    missing_logprobs: int = 0  # tokens (of a taro_logprobs request) whose log-probs the engine did not have
 
 
 def _prompt_count(prompt: Any) -> int:
@@ -136,7 +153,8 @@ def plan_request(body: Any, path: str, settings: "Settings") -> Plan | None:
 
     * ``"model"`` naming a router or a mode alias: the served model, with the router / mode put in vllm_xargs;
     * ``vllm_xargs.taro_router`` must name a loaded router (else 400, listing them);
-    * ``vllm_xargs.taro_alphas``: a trace and the token ids that align a_t with tokens.
+    * ``vllm_xargs.taro_alphas``: a trace and the token ids that align a_t with tokens (``taro_logprobs`` rides
+      on the same trace; without ``taro_alphas`` vLLM's options validator refuses it, HTTP 400).
     """
     if not isinstance(body, dict):
         return None
@@ -176,6 +194,7 @@ def plan_request(body: Any, path: str, settings: "Settings") -> Plan | None:
     if trace is not None and not isinstance(trace, str):
         return None  # vLLM's validator refuses the bad taro_trace (HTTP 400); never replace what the client sent
     plan.private = trace is None
+    plan.logprobs = xargs.get(LOGPROBS_OPT_IN) is True
     plan.key = f"{PRIVATE_TRACE_PREFIX}{uuid.uuid4().hex}" if plan.private else trace
     mode = xargs.get("taro_mode") or ("fixed" if "taro_alpha" in xargs else settings.default_mode)
     plan.summary_base = {"mode": mode, "router": (router if isinstance(router, str) else settings.default_router)
@@ -207,13 +226,19 @@ class Annotator:
                 continue  # vLLM hid this choice's tokens (e.g. hidden reasoning): no a_t to align either
             index = int(choice.get("index", 0))
             start = plan.sent.get(index, 0)
-            alphas = await self.feed.take(plan.key, index, start, len(ids))
+            got = await self.feed.take(plan.key, index, start, len(ids))
             plan.sent[index] = start + len(ids)
+            alphas = None if got is None else got["alphas"]
             if alphas is None:
                 plan.missing += len(ids)
             else:
                 plan.values.extend(alphas)
             choice[OPT_IN] = alphas
+            if plan.logprobs:
+                for name, recorded in LOGPROB_FIELDS.items():
+                    choice[name] = None if got is None else got.get(recorded)
+                if choice["taro_base_logprobs"] is None:
+                    plan.missing_logprobs += len(ids)
             if not plan.wants_token_ids:
                 choice.pop("token_ids", None)
                 choice.pop("prompt_token_ids", None)
@@ -227,6 +252,8 @@ class Annotator:
                "share_alpha_above_half": sum(x > 0.5 for x in a) / len(a) if a else None}
         if self.plan.missing:
             out["tokens_without_alpha"] = self.plan.missing
+        if self.plan.missing_logprobs:
+            out["tokens_without_logprobs"] = self.plan.missing_logprobs
         return out
 
     def add_summary(self, obj: dict[str, Any]) -> None:

@@ -74,6 +74,9 @@ class RowState:
         self.override = np.full((max_rows,), default_weight, dtype=np.float32)
         self.trace: list[TraceKey | None] = [None] * max_rows
         self.router_slot = np.zeros((max_rows,), dtype=np.int64)  # the router of each row (routers.py; 0 = default)
+        self.logprobs = np.zeros((max_rows,), dtype=bool)  # taro_logprobs: record the models' log-probs (sampled.py)
+        self._logprob_rows: np.ndarray | None = None  # this step's rows asking for them (host, set by begin_step)
+        self.taken_logprob_rows: np.ndarray | None = None  # what the last fresh take handed the model
         self.router_slot_for = lambda name: 0  # router name -> slot; the model sets it to its RouterSet's
         self._groups: list[tuple[int, np.ndarray]] | None = None
         self.num_rows = 0
@@ -94,13 +97,16 @@ class RowState:
             extra = rows - self.override.shape[0]
             self.override = np.concatenate([self.override, np.full((extra,), self.default_weight, np.float32)])
             self.router_slot = np.concatenate([self.router_slot, np.zeros((extra,), np.int64)])
+            self.logprobs = np.concatenate([self.logprobs, np.zeros((extra,), bool)])
             self.trace.extend([None] * extra)
 
-    def set_row(self, i: int, weight: float, trace: TraceKey | None, router_slot: int = 0) -> None:
+    def set_row(self, i: int, weight: float, trace: TraceKey | None, router_slot: int = 0,
+                logprobs: bool = False) -> None:
         self.ensure(i + 1)
         self.override[i] = weight
         self.trace[i] = trace
         self.router_slot[i] = router_slot
+        self.logprobs[i] = logprobs and trace is not None  # recorded under the trace: nothing to record without one
 
     def clear_row(self, i: int) -> None:
         self.set_row(i, self.default_weight, None)
@@ -110,10 +116,12 @@ class RowState:
         if swap:
             self.override[[src, dst]] = self.override[[dst, src]]
             self.router_slot[[src, dst]] = self.router_slot[[dst, src]]
+            self.logprobs[[src, dst]] = self.logprobs[[dst, src]]
             self.trace[src], self.trace[dst] = self.trace[dst], self.trace[src]
         else:
             self.override[dst] = self.override[src]
             self.router_slot[dst] = self.router_slot[src]
+            self.logprobs[dst] = self.logprobs[src]
             self.trace[dst] = self.trace[src]
 
     def begin_step(self, num_rows: int) -> None:
@@ -137,6 +145,8 @@ class RowState:
             self._groups = None
         else:
             self._groups = [(int(r), np.flatnonzero(nan & (slots == r))) for r in used]
+        asked = self.logprobs[:num_rows]
+        self._logprob_rows = np.flatnonzero(asked) if asked.any() else None
 
     def _device_buffer(self, rows: int, device: torch.device) -> torch.Tensor:
         if self.device_override.device != device or self.device_override.numel() < rows:
@@ -151,9 +161,12 @@ class RowState:
 
         Never reads from the device: the flags were computed on the host by ``begin_step``, and the overrides reach
         the device by one non-blocking copy from pinned memory. Trace ids are None for calls that are not a step's
-        sampling call (warm-up, profiling, prompt logprobs): their a_t are not recorded.
+        sampling call (warm-up, profiling, prompt logprobs): their a_t are not recorded. The rows of a fresh step
+        that asked for the models' log-probs (``taro_logprobs``) are left in ``taken_logprob_rows`` (host indices;
+        None when no row asked).
         """
         device = torch.device(device)
+        self.taken_logprob_rows = None
         if not self.fresh or rows != self.num_rows:
             if math.isnan(self.default_weight):
                 return RowsStep(None, None, True, None)
@@ -161,6 +174,7 @@ class RowState:
                             False, None)
         self.fresh = False
         trace = self.trace[:rows]
+        self.taken_logprob_rows = self._logprob_rows
         groups = None
         if self._groups is not None:
             groups = [(slot, torch.from_numpy(idx).to(device, non_blocking=True)) for slot, idx in self._groups]
@@ -250,9 +264,10 @@ class TaroLogitsProcessor(*_processor_bases()):  # type: ignore[misc]
                     rows.clear_row(i)
                 traced = False
                 for i, params, _prompt, _out in batch_update.added:
-                    weight, trace, router = options_or_default(params.extra_args, self.defaults)
-                    rows.set_row(i, weight, (trace, None) if trace is not None else None, rows.router_slot_for(router))
-                    traced |= trace is not None
+                    opts = options_or_default(params.extra_args, self.defaults)
+                    rows.set_row(i, opts.weight, (opts.trace, None) if opts.trace is not None else None,
+                                 rows.router_slot_for(opts.router), opts.logprobs)
+                    traced |= opts.trace is not None
                 from vllm.v1.sample.logits_processor import MoveDirectionality
 
                 for src, dst, direction in batch_update.moved:
@@ -324,16 +339,18 @@ class TaroModelState(_v2_default_model_state()):  # type: ignore[misc]
         self.slot_weight = np.full((self.max_num_reqs,), model.rows.default_weight, dtype=np.float32)
         self.slot_router = np.zeros((self.max_num_reqs,), dtype=np.int64)
         self.slot_trace: list[tuple[str, str] | None] = [None] * self.max_num_reqs  # (taro_trace, request id)
+        self.slot_logprobs = np.zeros((self.max_num_reqs,), dtype=bool)  # taro_logprobs
         self.slot_of: dict[str, int] = {}
 
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
         params = new_req_data.sampling_params
-        weight, trace, router = options_or_default(params.extra_args if params is not None else None, self.defaults)
-        self.slot_weight[req_index] = weight
-        self.slot_router[req_index] = self.model.rows.router_slot_for(router)
+        opts = options_or_default(params.extra_args if params is not None else None, self.defaults)
+        self.slot_weight[req_index] = opts.weight
+        self.slot_router[req_index] = self.model.rows.router_slot_for(opts.router)
         # Keyed by request id too: with n > 1 each sample is its own request and gets its own list (alphas.py).
-        self.slot_trace[req_index] = (trace, new_req_data.req_id) if trace is not None else None
+        self.slot_trace[req_index] = (opts.trace, new_req_data.req_id) if opts.trace is not None else None
+        self.slot_logprobs[req_index] = opts.logprobs
         self.slot_of[new_req_data.req_id] = req_index
 
     def remove_request(self, req_id: str) -> None:
@@ -343,6 +360,17 @@ class TaroModelState(_v2_default_model_state()):  # type: ignore[misc]
             self.slot_weight[slot] = self.model.rows.default_weight
             self.slot_router[slot] = 0
             self.slot_trace[slot] = None
+            self.slot_logprobs[slot] = False
+
+    def custom_sampler(self, sampler):
+        """vLLM's hook for wrapping the V2 sampler: the wrapped one records, for rows that asked (``taro_logprobs``),
+        a_t with the base's and the reward's log-prob of the token it sampled (sampled.py). Steps where no row
+        asked cost one attribute check."""
+        if self.vllm_config.speculative_config is not None:
+            return None  # refused at start-up anyway (plugin.unsupported_setup); never replace the rejection sampler
+        from taro_vllm.serving.sampled import hook_v2_sampler
+
+        return hook_v2_sampler(sampler, self.model.sampled), None
 
     def prepare_inputs(self, input_batch, req_states):
         out = super().prepare_inputs(input_batch, req_states)
@@ -353,6 +381,7 @@ class TaroModelState(_v2_default_model_state()):  # type: ignore[misc]
             rows.ensure(n)
             rows.override[:n] = self.slot_weight[slots]
             rows.router_slot[:n] = self.slot_router[slots]
+            rows.logprobs[:n] = self.slot_logprobs[slots]
             for i, s in enumerate(slots.tolist()):
                 rows.trace[i] = self.slot_trace[s]
             rows.begin_step(n)
