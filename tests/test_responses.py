@@ -243,3 +243,57 @@ def test_logprobs_the_engine_did_not_record_are_null_and_counted(fake_server):
     assert c["taro_alphas"] == [a_t(0, s) for s in range(5)]
     assert c["taro_base_logprobs"] is None and c["taro_reward_logprobs"] is None
     assert json.loads(body)["metrics"]["taro"]["tokens_without_logprobs"] == 5
+
+
+# --- the feed's timing: reads are answered between engine steps ------------------------------------------------
+
+
+class SteppedEngine:
+    """An engine that records one token's a_t per step and answers the reads sent during a step at its end, after
+    sending the step's tokens (vLLM's engine core serves utility calls between steps)."""
+
+    def __init__(self, recorder: AlphaRecorder):
+        self.recorder = recorder
+        self.queued = []
+        self.step = 0
+
+    async def read(self, keys, forget):
+        fut = asyncio.get_running_loop().create_future()
+        self.queued.append((fut, keys, forget))
+        return await fut
+
+    async def run(self, tokens: asyncio.Queue, steps: int) -> None:
+        for self.step in range(steps):
+            self.recorder.record(torch.tensor([a_t(0, self.step)]), [("tr", "0_cmpl-1")])
+            tokens.put_nowait(self.step)
+            queued, self.queued = self.queued, []
+            for fut, keys, forget in queued:
+                fut.set_result(self.recorder.read_new(keys, forget))
+            for _ in range(20):  # the step's compute: the API process runs meanwhile
+                await asyncio.sleep(0)
+        tokens.put_nowait(None)
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_a_following_feed_has_each_steps_a_t_with_its_tokens(follow):
+    """Without following, a chunk's read goes out after its tokens arrive and waits for the next step's end."""
+    engine = SteppedEngine(AlphaRecorder())
+    feed = AlphaFeed(engine.read, follow=follow)
+
+    async def stream():
+        feed.open("tr")
+        tokens, waited = asyncio.Queue(), []
+        runner = asyncio.ensure_future(engine.run(tokens, 6))
+        while (t := await tokens.get()) is not None:
+            got = await feed.take("tr", 0, t, 1)
+            assert got == {"alphas": [a_t(0, t)]}
+            waited.append(engine.step - t)  # engine steps a chunk waited for its a_t
+        await runner
+        feed.close("tr", forget=True)
+        return waited
+
+    waited = asyncio.run(stream())
+    # The first chunk waits one step in both modes (the stream's first read goes out after its first token). Then,
+    # following, no chunk waits; not following, every other one does (the read that ends its wait brings the next
+    # step's a_t too).
+    assert waited == ([1, 0, 0, 0, 0, 0] if follow else [1, 0, 1, 0, 1, 0])

@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+
+import orjson
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -57,10 +59,16 @@ class AlphaFeed:
     recorded before the engine sent the tokens, so a read issued after the tokens arrived always has them. Reads are
     shared: while one is in flight, every other waiting response waits for it, so a batch of streams costs one RPC per
     engine step, not one per stream.
+
+    While a read brings new a_t for an open response, the next read is sent at once (``follow``): the engine answers
+    reads between steps, so the answer to a read sent during step t comes with step t's tokens. Waiting for the
+    tokens before asking would hold every chunk back by one engine step. A read that brings nothing new ends the
+    chain (an idle engine is not polled).
     """
 
-    def __init__(self, read: ReadAlphas, max_empty_reads: int = 4, forget_batch: int = 64):
+    def __init__(self, read: ReadAlphas, max_empty_reads: int = 4, forget_batch: int = 64, follow: bool = True):
         self._read = read
+        self.follow = follow
         self.max_empty_reads = max_empty_reads
         self.forget_batch = forget_batch
         self._buffers: dict[str, dict[int, dict[str, list]]] = {}  # trace -> choice -> "alphas"/... -> values
@@ -112,15 +120,21 @@ class AlphaFeed:
         forget, self._forget = self._forget, []
         self.reads += 1
         got = await self._read(list(self._buffers), forget)
+        fresh = False
         for key, per_choice in got.items():
             buffers = self._buffers.get(key)
             if buffers is not None:
+                fresh = fresh or any(entry.get("alphas") for entry in per_choice.values())
                 for index, entry in per_choice.items():
                     buf = buffers.setdefault(int(index), {})
                     known = len(buf.get("alphas", ()))
                     for name, values in entry.items():
                         # a list that starts late (log-probs after a_t without them) stays aligned: null before
                         buf.setdefault(name, [None] * known).extend(values)
+        if self.follow and fresh and self._buffers:
+            self._inflight = asyncio.ensure_future(self._read_once())
+            # Nobody may await a read sent ahead: its failure is logged by the next take that needs it, or dropped.
+            self._inflight.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 @dataclass
@@ -295,7 +309,7 @@ class _SSE:
         self.summarised = True
         chunk = {**self.last, "choices": []}
         self.annotator.add_summary(chunk)
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     async def _event(self, event: bytes) -> bytes:
         text = event.strip()
@@ -305,7 +319,7 @@ class _SSE:
         if payload == b"[DONE]":
             return self._summary_event() + event + b"\n\n"
         try:
-            obj = json.loads(payload)
+            obj = orjson.loads(payload)  # every token's chunk passes here: the fast parser (vLLM depends on it)
         except ValueError:
             return event + b"\n\n"
         if not isinstance(obj, dict) or "error" in obj:
@@ -315,7 +329,7 @@ class _SSE:
         if not obj.get("choices") and "usage" in obj and obj.get("usage"):
             self.annotator.add_summary(obj)  # the usage chunk is the stream's last message: the summary rides on it
             self.summarised = True
-        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 @dataclass
