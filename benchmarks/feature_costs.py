@@ -4,6 +4,7 @@ routers mixed in one batch vs one router.
     python -m benchmarks.feature_costs                # SmolLM2-135M base + reward, batch / concurrency 32
     python -m benchmarks.feature_costs --smoke        # tiny models, a few tokens (what the test suite runs)
     python -m benchmarks.feature_costs --url URL      # the a_t comparison against a running --taro-return-alphas server
+    python -m benchmarks.feature_costs --only alphas  # re-measure one comparison; the other is kept from the last run
 
 * a_t in responses: one ``taro-vllm serve --taro-return-alphas`` and vLLM's own ``vllm bench serve`` (through
   benchmarks.serve_bench) at concurrency 32: mode ``router`` vs ``router+alphas`` (streamed chunks carry a_t),
@@ -23,6 +24,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -88,15 +90,17 @@ def write_outputs(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "feature_costs.json").write_text(json.dumps(report, indent=2) + "\n")
     a, r = report["alphas"], report["routers"]
+    when = lambda part: f" ({part.get('rounds', report['rounds'])} rounds, {part['measured_at']})" \
+        if "measured_at" in part else ""  # noqa: E731
     lines = [f"Base `{report['base']}`, reward `{report['reward']}`, {report['dtype']}, {report['max_tokens']} "
-             f"output tokens per request, {report['rounds']} alternating rounds (median); {report['machine']}.", "",
+             f"output tokens per request, alternating rounds (median); {report['machine']}.", "",
              "| comparison | per-round output tok/s | ratio (target) |", "|---|---|---:|",
              f"| a_t in the streamed responses vs not (`vllm bench serve`, concurrency {a['concurrency']}) | "
              f"{', '.join(f'{x:.1f}' for x in a['router_alphas_tok_s'])} vs "
-             f"{', '.join(f'{x:.1f}' for x in a['router_tok_s'])} | **{a['ratio_alphas_over_plain']:.3f}** (>= 0.98) |",
+             f"{', '.join(f'{x:.1f}' for x in a['router_tok_s'])}{when(a)} | **{a['ratio_alphas_over_plain']:.3f}** (>= 0.98) |",
              f"| 4 routers mixed in one batch vs one router (offline engine, batch {r['batch']}) | "
              f"{', '.join(f'{x:.1f}' for x in r['four_routers_tok_s'])} vs "
-             f"{', '.join(f'{x:.1f}' for x in r['one_router_tok_s'])} | **{r['ratio_four_over_one']:.3f}** (>= 0.95) |"]
+             f"{', '.join(f'{x:.1f}' for x in r['one_router_tok_s'])}{when(r)} | **{r['ratio_four_over_one']:.3f}** (>= 0.95) |"]
     (out / "feature_costs.md").write_text("\n".join(lines) + "\n")
 
 
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--url", help="a running taro-vllm serve --taro-return-alphas (default: start one)")
     p.add_argument("--smoke", action="store_true", help="tiny models, batch 4, 4 tokens, 1 round, eager")
+    p.add_argument("--only", choices=["alphas", "routers"],
+                   help="measure only this comparison; the other one is kept from OUT/feature_costs.json (each "
+                        "row says when and with which settings it was measured)")
     args = p.parse_args(argv)
     if args.smoke:
         tiny = assets.build_tiny_all()
@@ -125,10 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="taro-feature-costs-"))
     report = {"base": str(base), "reward": str(reward), "dtype": args.dtype, "max_tokens": args.max_tokens,
               "rounds": args.rounds, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
-    report["routers"] = routers_cost(base, reward, work, args)
-    print(f"4 routers mixed / one router: {report['routers']['ratio_four_over_one']:.3f}", flush=True)
-    report["alphas"] = alphas_cost(base, reward, work, args)
-    print(f"a_t returned / not: {report['alphas']['ratio_alphas_over_plain']:.3f}", flush=True)
+    previous = args.out / "feature_costs.json"
+    if args.only:
+        if not previous.is_file():
+            p.error(f"--only {args.only}: {previous} holds no earlier run to keep the other comparison from")
+        report.update({k: v for k, v in json.loads(previous.read_text()).items() if k in ("routers", "alphas")})
+    settings = {"rounds": args.rounds, "max_tokens": args.max_tokens, "batch": args.batch,
+                "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.only in (None, "routers"):
+        report["routers"] = {**routers_cost(base, reward, work, args), **settings}
+        print(f"4 routers mixed / one router: {report['routers']['ratio_four_over_one']:.3f}", flush=True)
+    if args.only in (None, "alphas"):
+        report["alphas"] = {**alphas_cost(base, reward, work, args), **settings}
+        print(f"a_t returned / not: {report['alphas']['ratio_alphas_over_plain']:.3f}", flush=True)
     write_outputs(report, args.out)
     return 1 if report["alphas"]["errors"] else 0
 

@@ -65,6 +65,11 @@ def test_feature_costs_smoke_compares_routers_and_a_t_side_by_side(taro_server_u
     assert report["routers"]["ratio_four_over_one"] > 0 and report["alphas"]["ratio_alphas_over_plain"] > 0
     md = (tmp_path / "feature_costs.md").read_text()
     assert "4 routers mixed in one batch vs one router" in md and "a_t in the streamed responses vs not" in md
+    # Re-measuring one comparison keeps the other from the last run, and each row says when it was measured.
+    assert feature_costs.main(["--smoke", "--url", url, "--out", str(tmp_path), "--only", "alphas"]) == 0
+    again = json.loads((tmp_path / "feature_costs.json").read_text())
+    assert again["routers"] == report["routers"] and again["alphas"]["measured_at"] >= report["alphas"]["measured_at"]
+    assert (tmp_path / "feature_costs.md").read_text().count(" rounds, 20") == 2
 
 
 def test_online_serve_bench_rejects_unknown_mode_and_missing_server(tmp_path):
