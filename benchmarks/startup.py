@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eager", action="store_true", help="serve with --enforce-eager (no torch.compile)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--only", choices=["base alone", "TARo"], help="time one setup only")
+    p.add_argument("--logs", type=Path, help="keep each start's server log here (vLLM says there whether it loaded "
+                                             "or recompiled each sub-model's compile cache)")
     args = p.parse_args(argv)
     from taro_vllm import assets
     from taro_vllm.demo import demo_router
@@ -41,12 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     router = demo_router(base)
     common = ["--dtype", "float32", "--max-model-len", "2048"] + (["--enforce-eager"] if args.eager else [])
     setups = {"base alone": [str(base), *common], "TARo": [str(base), "--taro-router", str(router), *common]}
+    if args.only:
+        setups = {args.only: setups[args.only]}
     rows = []
     with tempfile.TemporaryDirectory(prefix="taro-startup-") as tmp:
         for name, serve_args in setups.items():
             cache = Path(tmp) / name.replace(" ", "-")  # each setup starts from its own empty cache
             for kind in ("cold", "warm"):
-                s = time_to_health(serve_args, cache, Path(tmp) / f"{cache.name}-{kind}.log")
+                logs = args.logs or Path(tmp)
+                logs.mkdir(parents=True, exist_ok=True)
+                s = time_to_health(serve_args, cache, logs / f"{cache.name}-{kind}{'-eager' if args.eager else ''}.log")
                 rows.append({"setup": name, "start": kind, "seconds": round(s, 1), "eager": args.eager})
                 print(f"{name:>10} {kind}: {s:.1f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
