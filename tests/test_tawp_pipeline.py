@@ -76,3 +76,11 @@ def test_reward_gate_and_routers_from_the_command_line(tmp_path, tiny_paths, run
     lines = recipe_report.routers(tmp_path)
     assert len(lines) == 2 and all("Gate C" in line for line in lines)
     assert ["General text" in line for line in lines] == [False, True]  # router_nll, router_nll_pref
+
+
+def test_the_report_totals_the_recipe_without_superseded_attempts_or_the_ablation(tmp_path):
+    rows = [("onpolicy", 600), ("router_nll (before X: superseded)", 60), ("reward_genarm", 300), ("accuracy", 1200)]
+    (tmp_path / "timings.jsonl").write_text("".join(json.dumps({"stage": s, "seconds": t}) + "\n" for s, t in rows))
+    table = "\n".join(recipe_report.timings(tmp_path))
+    assert "current stages** (no superseded attempt, no ablation) | **30.0 min**" in table
+    assert "| everything above | 36.0 min |" in table
