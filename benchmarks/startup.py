@@ -3,7 +3,7 @@
     python -m benchmarks.startup                  # the demo's models: SmolLM2 base alone, then TARo (base + reward)
     python -m benchmarks.startup --eager          # the same with --enforce-eager
 
-Cold = vLLM's compile cache pointed at an empty folder (``VLLM_CACHE_ROOT``: what a new user's first start sees,
+Cold = vLLM's and inductor's compile caches pointed at empty folders (what a new user's first start sees,
 minus building the SmolLM2 asset, ~25 s once); warm = the same start again on that now-filled cache. Each start is a
 fresh server process, one after the other; the base alone is ``taro-vllm serve BASE`` (no --taro-router: stock vLLM
 through the same console script). Writes startup.json / startup.md.
@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parent
 
 def time_to_health(args: list[str], cache_root: Path, log: Path, timeout: float = 1800) -> float:
     """Seconds from launching ``taro-vllm serve ARGS`` to its first /health 200; the server is stopped after."""
-    # VLLM_CACHE_ROOT is vLLM's compile cache: an empty folder makes a cold start.
-    with running_server(args, log, timeout=timeout, env={"VLLM_CACHE_ROOT": str(cache_root)}) as (_, _, seconds):
+    # VLLM_CACHE_ROOT is vLLM's compile cache, TORCHINDUCTOR_CACHE_DIR inductor's own (else a machine-wide folder
+    # under /tmp that earlier runs filled): empty folders make a cold start.
+    env = {"VLLM_CACHE_ROOT": str(cache_root), "TORCHINDUCTOR_CACHE_DIR": str(cache_root / "inductor")}
+    with running_server(args, log, timeout=timeout, env=env) as (_, _, seconds):
         return seconds
 
 

