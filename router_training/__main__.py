@@ -126,16 +126,27 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_model() -> str:
+    """SmolLM2-135M-Instruct, built offline: the base / reward start point when none is given."""
+    from taro_vllm import assets
+
+    return str(assets.build_smollm2())
+
+
+def _sampling_setup(args: argparse.Namespace) -> Path:
+    """The sampling commands' common start: the default base if none was given, and the output folder made."""
+    if args.base is None:
+        args.base = _default_model()
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _cmd_onpolicy(args: argparse.Namespace) -> int:
     from router_training import onpolicy, tawp
     from router_training.data import save_records
 
-    if args.base is None:
-        from taro_vllm import assets
-
-        args.base = str(assets.build_smollm2())
-    out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = _sampling_setup(args)
     t0 = time.time()
     splits = tawp.make_splits({"reward": args.reward_problems, "router": args.router_problems,
                                "val": args.val_problems, "test": args.test_problems})
@@ -165,9 +176,9 @@ def _cmd_onpolicy(args: argparse.Namespace) -> int:
         return 3
     for name in ("reward", "router"):
         probs = splits[name]
-        sampled = sampler.generate(probs, args.samples, args.temperature, args.max_tokens)
-        greedy = sampler.generate(probs, 1, 0.0, args.max_tokens)
-        data = onpolicy.build_records(probs, [s + g for s, g in zip(sampled, greedy)])
+        ids = [onpolicy.prompt_ids(sampler.tok, p.question) for p in probs]
+        data = onpolicy.build_records(probs, sampler.sampled_and_greedy(ids, args.samples, args.temperature,
+                                                                        args.max_tokens))
         onpolicy.write(out, name, data)
         save_records(out / f"gold_{name}.jsonl", onpolicy.gold_solutions(probs))
         manifest[name] = data.stats
@@ -182,21 +193,13 @@ def _cmd_general(args: argparse.Namespace) -> int:
     from router_training.data import save_records
     from router_training.encoding import Encoder
 
-    if args.base is None:
-        from taro_vllm import assets
-
-        args.base = str(assets.build_smollm2())
-    out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = _sampling_setup(args)
     t0 = time.time()
     prompts = general.make_prompts(args.prompts, args.seed)
     sampler = onpolicy.BaseSampler(args.base, seed=args.seed, eager=args.eager)
     enc = Encoder(sampler.tok)  # the prompt exactly as the feature cache will encode it
     ids = [enc.prompt_ids(p, general.DATASET) for p in prompts]
-    sampled = sampler.generate_ids(ids, args.samples, args.temperature, args.max_tokens) if args.samples else \
-        [[] for _ in prompts]
-    greedy = sampler.generate_ids(ids, 1, 0.0, args.max_tokens)
-    recs = general.records(prompts, [s + g for s, g in zip(sampled, greedy)])
+    recs = general.records(prompts, sampler.sampled_and_greedy(ids, args.samples, args.temperature, args.max_tokens))
     save_records(out / "general.jsonl", recs)
     stats = {"prompts": len(prompts), "samples_per_prompt": args.samples, "temperature": args.temperature,
              "greedy_per_prompt": 1, "max_tokens": args.max_tokens, "traces": len(recs), "base": args.base,
@@ -261,9 +264,7 @@ def _cmd_reward(args: argparse.Namespace) -> int:
     from router_training.reward_trainer import train_reward
 
     if args.model is None:
-        from taro_vllm import assets
-
-        args.model = str(assets.build_smollm2())
+        args.model = _default_model()
     res = train_reward(configs.build(RewardTrainConfig, vars(args)))
     if res.finished:
         print(json.dumps({"reward_model": str(res.model_dir), "steps": res.steps, "heldout": res.eval,

@@ -111,6 +111,13 @@ class BaseSampler:
         outs = self.llm.generate(prompts, sp, use_tqdm=True)
         return [[c.text for c in o.outputs] for o in outs]
 
+    def sampled_and_greedy(self, prompts: list[list[int]], n: int, temperature: float,
+                           max_tokens: int) -> list[list[str]]:
+        """Per tokenised prompt: ``n`` samples at ``temperature`` (none if n is 0), then the greedy completion."""
+        sampled = self.generate_ids(prompts, n, temperature, max_tokens) if n else [[] for _ in prompts]
+        greedy = self.generate_ids(prompts, 1, 0.0, max_tokens)
+        return [s + g for s, g in zip(sampled, greedy)]
+
 
 def prompt_ids(tok, question: str) -> list[int]:
     return list(tok.apply_chat_template(tawp.messages(question), add_generation_prompt=True, tokenize=True,
