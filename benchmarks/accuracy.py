@@ -214,6 +214,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentPa
                         "each engine spends ~4 min starting on the 2-core machine (the AOT compile cache fails to "
                         "reload), eager starts much faster; leave it off on a GPU")
     p.add_argument("--out", type=Path, help="output folder (gsm: benchmarks/results, tawp: benchmarks/results/tawp)")
+    p.add_argument("--reuse", type=Path, metavar="DIR",
+                   help="tawp: take the outputs of methods an earlier run (DIR/accuracy.json) already made with the "
+                        "same base, items, settings and checkpoints; run only the others (e.g. one new router)")
     p.add_argument("--smoke", action="store_true", help="tiny random models, a handful of items, 8 tokens")
     args = p.parse_args(argv)
     for key, value in TASK_DEFAULTS[args.task].items():

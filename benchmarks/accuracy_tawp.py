@@ -273,6 +273,39 @@ def write_json(report: dict, raw: dict, items: Items, path: Path) -> None:
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
+def reusable_outputs(prev_path: Path, base: str, settings: dict, items: Items,
+                     routers: dict[str, str]) -> dict[str, dict]:
+    """The methods of an earlier run (``--reuse DIR``) that need not run again: {label: {task: outputs}}.
+
+    Greedy decoding repeats exactly on the same engine settings, so an earlier run's outputs are this run's when the
+    base, the items, the settings and the reward model are the same. The base / reward / fixed-a methods are reused
+    only with the same main router checkpoint (it names the reward model); a TARo label only with the same
+    checkpoint. Anything else is refused (a mismatch of items or settings) or rerun (another router)."""
+    path = prev_path / "accuracy.json" if prev_path.is_dir() else prev_path
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--reuse {prev_path}: cannot read an accuracy.json there ({e})") from None
+    if prev.get("task") != "tawp" or "outputs" not in prev:
+        raise SystemExit(f"--reuse {path}: not a TAWP accuracy.json with outputs")
+    old = {"reward_override": None, **prev.get("settings", {})}
+    problems = [f"base {prev.get('base')} != {base}"] if prev.get("base") != base else []
+    problems += [f"{k}: {old.get(k)!r} != {v!r}" for k, v in settings.items() if old.get(k) != v]
+    problems += [f"items of {t} differ" for t in items.tasks() if prev.get("items", {}).get(t) != items.ids(t)]
+    if problems:
+        raise SystemExit(f"--reuse {path}: the earlier run is not this one's: " + "; ".join(problems))
+    same = {label for label, ckpt in routers.items() if prev.get("routers", {}).get(label) == ckpt}
+    main_same = next(iter(routers)) in same
+    keep = {}
+    for label, tasks in prev["outputs"].items():
+        if (label in same if label in prev.get("routers", {}) else main_same):
+            if set(tasks) >= set(items.tasks()):
+                keep[label] = {t: {"texts": o["texts"], "traces": o.get("traces")} for t, o in tasks.items()
+                               if t in items.tasks()}
+    print(f"reusing {sorted(keep)} from {path}", flush=True)
+    return keep
+
+
 def run(args: argparse.Namespace, extra: list[tuple[str, str]]) -> str:
     from transformers import AutoTokenizer
 
@@ -288,12 +321,24 @@ def run(args: argparse.Namespace, extra: list[tuple[str, str]]) -> str:
     routers = {"TARo": str(args.router), **{f"TARo {label}": path for label, path in extra}}
     print(f"accuracy (tawp): {len(items.val)} val, {len(items.test)} test, {len(items.ood)} OOD, "
           f"{len(items.gsm)} GSM items; {len(routers)} engine(s)", flush=True)
+    settings = {"n_val": len(items.val), "n_test": len(items.test), "n_ood": len(items.ood), "n_gsm": len(items.gsm),
+                "max_tokens": args.max_tokens, "ood_max_tokens": args.ood_max_tokens,
+                "gsm_max_tokens": args.gsm_max_tokens, "eager": args.eager, "dtype": args.dtype,
+                "reward_override": common["reward"]}
     raw: dict = {}
     seconds: dict = {}
+    reused = reusable_outputs(args.reuse, str(base), settings, items, routers) if args.reuse else {}
     for k, (label, ckpt) in enumerate(routers.items()):
         methods = core_methods(args.alphas, label, getattr(args, "reward_alone", True)) if k == 0 \
             else [taro_method(label)]
-        out = run_engine({**common, "router": ckpt, "methods": methods})
+        todo = [m for m in methods if m["label"] not in reused]
+        for m in methods:
+            if m["label"] in reused:
+                raw.update({f"{m['label']}|{t}": out for t, out in reused[m["label"]].items()})
+        if not todo:
+            seconds[f"engine {label}"] = f"reused from {args.reuse}"
+            continue
+        out = run_engine({**common, "router": ckpt, "methods": todo})
         raw.update(out["results"])
         seconds[f"engine {label}"] = out["seconds"]
     by_class = {label: {t: alpha_by_class(raw[f"{label}|{t}"]["traces"], items.context_words(t))
@@ -302,11 +347,7 @@ def run(args: argparse.Namespace, extra: list[tuple[str, str]]) -> str:
     seconds["total"] = round(time.perf_counter() - t_start, 1)
     report = {"task": "tawp", "base": str(base), "data": str(args.data) if args.data else "smoke (tawp.make_splits)",
               "routers": routers, "selected_router": routers[report["selection"]["taro"]], "alphas": args.alphas,
-              "settings": {"n_val": len(items.val), "n_test": len(items.test), "n_ood": len(items.ood),
-                           "n_gsm": len(items.gsm), "max_tokens": args.max_tokens,
-                           "ood_max_tokens": args.ood_max_tokens, "gsm_max_tokens": args.gsm_max_tokens,
-                           "eager": args.eager, "dtype": args.dtype},
-              "seconds": seconds, **report}
+              "settings": settings, "reused": {m: str(args.reuse) for m in reused}, "seconds": seconds, **report}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(report, raw, items, args.out / "accuracy.json")
     write_md(report, args.out / "accuracy.md")

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     hf1 = run_hf_loop(base, reward, prompts[: args.genarm_prompts], args.max_tokens, 1, dt)
     report["rows"].append({"label": "GenARM-style HF loop (batch 1)", "batch_size": 1, "engine": "hf", **hf1})
     hfb = run_hf_loop(base, reward, prompts[:bmax], args.max_tokens, bmax, dt)
-    report["rows"].append({"label": f"HF two-model loop (batched)", "batch_size": bmax, "engine": "hf", **hfb})
+    report["rows"].append({"label": "HF two-model loop (batched)", "batch_size": bmax, "engine": "hf", **hfb})
     report["ratios"] = ratios(report["rows"], bmax)
     write_outputs(report, args.out)
     print(json.dumps(report["ratios"], indent=2))

@@ -5,7 +5,7 @@
     onpolicy    TAWP problems + the base's own solutions -> on-policy Step-DPO pairs and verified traces
     general     general (non-math) prompts answered by the base itself (the router's "stay with the base" data)
     features    cache the frozen models' router features + exact mixed-NLL terms
-    fit-router  train the top-K router on feature caches (seconds)
+    fit-router  train the router on feature caches (top-K: seconds; --kind full: minutes)
     reward      train the autoregressive reward model (GenARM loss) -> a Hugging Face model folder
     router      train the TARo router on a frozen base + reward model -> a taro-router checkpoint
 
@@ -81,9 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--k", type=int, default=8)
     f.add_argument("--max-per-file", type=int, help="use at most this many records of each --data/--pairs file")
+    f.add_argument("--full-rows", action="store_true",
+                   help="also keep both models' full log-prob rows (fp16, ~200 KB per row at V=49152): what "
+                        "`fit-router --kind full` trains on")
 
     # The trainers' flags are their config fields (configs.add_flags); --max-eval is the older, shared spelling.
-    g = sub.add_parser("fit-router", help="train the top-K router on a feature cache (seconds)")
+    g = sub.add_parser("fit-router",
+                       help="train the router on a feature cache (top-K: seconds; full: minutes, --full-rows cache)")
     configs.add_flags(g, FitConfig, aliases={"max_steps": ["--steps"], "batch_size": ["--batch-rows"]},
                       skip=CACHE_FIELDS | NO_STATE_FIELDS,  # the cache's router shape; a fit has no state
                       helps={**ROUTER_HELPS, "batch_size": "cached rows per step"})
@@ -241,7 +245,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     reward = runtime.load_causal_lm(reward_path, device, dtype).eval().requires_grad_(False)
     t0 = time.time()
     out = fc.build(Path(args.out), hf_logit_source(base), hf_logit_source(reward), examples, tok, enc.pad_id,
-                   int(base.config.vocab_size), fc.CacheConfig(k=args.k), args.batch_size,
+                   int(base.config.vocab_size), fc.CacheConfig(k=args.k, full_rows=args.full_rows), args.batch_size,
                    info={"base_model": str(base_path), "reward_model": str(reward_path), "tokenizer_fingerprint": fp,
                          "data": args.data, "pairs": args.pairs})
     print(json.dumps({"cache": str(out), "sequences": len(examples), "seconds": round(time.time() - t0, 1)}))

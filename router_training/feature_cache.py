@@ -7,6 +7,9 @@ One forward of each model per sequence; then, at every scored position (a row), 
   and the target), and the log-mass OUTSIDE S of the mix at a grid of ``a`` values. Then
   ``lse_V(mix(a)) = logaddexp(lse_S(mix(a)), rest(a))`` with ``rest`` interpolated linearly between grid points:
   exact on S, and off S the mass is small and smooth in ``a`` (tested against the full-vocabulary NLL to 1e-3);
+* optionally (``full_rows``, for the full-logits router) both models' whole log-prob rows, clamped at the router's
+  floor and stored in fp16 (0.03-nat steps at -50; the router centres and scales them by 0.1): ~200 KB per row at
+  V = 49152, so a few GB for a TAWP run, where the top-K cache is tens of MB;
 * per-row labels: the target's token class (for a_t by class), whether the row is *informative* (the models'
   argmaxes differ, their Jensen-Shannon divergence exceeds ``js_threshold``, or the target is a digit / operator /
   "=" of a checked line), the sequence it belongs to, and for preference rows the pair and side.
@@ -29,6 +32,8 @@ from tqdm import tqdm
 from router_training import tawp
 from router_training.encoding import collate
 from taro_vllm import mix
+from taro_vllm.features import full_logprobs
+from taro_vllm.router import LOGP_FLOOR
 
 LogitSource = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CLASSES = ("digits", "operators", "=", "step words", "names/items", "other words", "punctuation", "whitespace",
@@ -43,6 +48,7 @@ class CacheConfig:
     grid: int = 21  # a grid for the off-support mass: 0, 0.05, ..., 1
     js_threshold: float = 0.02
     shard_sequences: int = 64
+    full_rows: bool = False  # also keep both full log-prob rows (fp16): what the full-logits router reads
 
 
 @dataclass
@@ -106,7 +112,14 @@ def featurize(zb: torch.Tensor, zr: torch.Tensor, targets: torch.Tensor, cfg: Ca
         "disagree": zb.argmax(-1) != zr.argmax(-1),
         "js": js_divergence(zb, zr),
         "targets": targets,
+        **(full_rows(zb, zr) if cfg.full_rows else {}),
     }
+
+
+def full_rows(zb: torch.Tensor, zr: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Both models' log-prob rows as the full-logits router reads them (clamped at its floor), in fp16."""
+    lb, lr = full_logprobs(zb, zr)
+    return {"lpf_base": lb.clamp(min=LOGP_FLOOR).half(), "lpf_reward": lr.clamp(min=LOGP_FLOOR).half()}
 
 
 def cached_nll(rows: dict[str, torch.Tensor], alpha: torch.Tensor | float) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Train the TARo top-K router on a feature cache (:mod:`router_training.feature_cache`): seconds per run.
+"""Train the TARo router on a feature cache (:mod:`router_training.feature_cache`): seconds per run for the top-K
+router, minutes for the full-logits one (``--kind full`` on a cache built with ``--full-rows``).
 
 Objective (primary, ``nll``): the NLL of the mix ``softmax((1 - a_t) z_base + a_t z_reward)`` over verified-correct
 traces, weighted toward informative rows (weight 1 where the models disagree or the target is a checked digit /
@@ -42,7 +43,7 @@ from router_training.loop import LoopConfig
 from router_training.losses import pair_loss
 from router_training.router_trainer import VOCAB_FROM_MODELS, sized
 from taro_vllm.checkpoint import save_router
-from taro_vllm.router import Router, RouterConfig, build_router
+from taro_vllm.router import FullRouter, Router, RouterConfig, build_router
 
 GRID = tuple(i / 20 for i in range(21))
 
@@ -60,9 +61,10 @@ def fit_loop(**kw: Any) -> LoopConfig:
                          "eval_every": 250, "checkpoint_every": 0, **kw})
 
 
-# Fields of the nested configs that are not the fit's to choose: the router's shape is the cache's, and there is no
+# Fields of the nested configs that are not the fit's to choose: the router's shape is the cache's (its kind is
+# chosen: top-K, or full when the cache kept full rows), and there is no
 # resumable state (nor a device: the cached rows are trained on the CPU). The CLI offers no flag for them.
-CACHE_FIELDS = frozenset({"kind", "source", "k", "vocab_size"})
+CACHE_FIELDS = frozenset({"source", "k", "vocab_size"})
 NO_STATE_FIELDS = frozenset({"device", "resume", "keep_state", "checkpoint_every", "stop_after"})
 
 
@@ -84,11 +86,17 @@ class FitConfig:
     loop: LoopConfig = field(default_factory=fit_loop)  # batch_size: cached rows per step
 
 
-def cached_router(spec: RouterConfig, vocab_size: int, k: int) -> RouterConfig:
-    """``spec`` at the cache's shape: a top-K router over both models' top-``k`` at the cache's vocabulary."""
-    if spec.kind != "topk" or spec.source != "both":
-        raise TrainingSetupError(f"the feature cache trains a topk router on both models' top-K, not kind "
-                                 f"{spec.kind!r} with source {spec.source!r}")
+def cached_router(spec: RouterConfig, vocab_size: int, k: int, full_rows: bool = False) -> RouterConfig:
+    """``spec`` at the cache's shape: a top-K router over both models' top-``k`` at the cache's vocabulary, or a
+    full-logits router (``kind="full"``) when the cache kept the full rows (``features --full-rows``)."""
+    if spec.kind == "full":
+        if not full_rows:
+            raise TrainingSetupError("a full-logits router needs the full log-prob rows in the cache: build it with "
+                                     "`python -m router_training features ... --full-rows`")
+        return sized(spec, vocab_size).model_copy(update={"k": k, "source": "both", "embed_dim": 0})
+    if spec.source != "both":
+        raise TrainingSetupError(f"the feature cache trains a topk router on both models' top-K, not source "
+                                 f"{spec.source!r}")
     return sized(spec, vocab_size).model_copy(update={"k": k})
 
 
@@ -112,8 +120,10 @@ def load_general(path: str, meta: dict) -> tuple[dict[str, torch.Tensor], list[s
         if gmeta.get(key) != meta.get(key):
             raise TrainingSetupError(f"general cache {path}: its {key} is {gmeta.get(key)!r}, the cache's "
                                      f"{meta.get(key)!r}; build both caches from the same models")
-    if gmeta["config"]["k"] != meta["config"]["k"]:
-        raise TrainingSetupError(f"general cache {path}: K {gmeta['config']['k']}, the cache's {meta['config']['k']}")
+    for key in ("k", "full_rows"):
+        if gmeta["config"].get(key, False) != meta["config"].get(key, False):
+            raise TrainingSetupError(f"general cache {path}: its {key} is {gmeta['config'].get(key, False)!r}, the "
+                                     f"cache's {meta['config'].get(key, False)!r}; build both caches alike")
     return rows, gmeta["groups"]
 
 
@@ -126,6 +136,8 @@ def split_general(rows: dict[str, torch.Tensor], groups: list[str], frac: float,
 
 
 def router_alpha(router: Router, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    if isinstance(router, FullRouter):
+        return router.forward_logprobs(rows["lpf_base"], rows["lpf_reward"]).float()
     return router.forward_features(fc.topk_features(rows)).float()
 
 
@@ -207,7 +219,7 @@ def fit(cfg: FitConfig) -> FitResult:
         raise ValueError(f"feature cache {cfg.cache} has no training rows")
     w_train = weights(train_nll, js, cfg.other_weight)
     train_pairs = torch.unique(train_pref["pair"]).tolist()
-    rcfg = cached_router(cfg.router, int(meta["vocab_size"]), ccfg["k"])
+    rcfg = cached_router(cfg.router, int(meta["vocab_size"]), ccfg["k"], ccfg.get("full_rows", False))
     router = build_router(rcfg)
     router.train()
     out = Path(cfg.out)

@@ -157,14 +157,11 @@ def test_tawp_token_context_words():
     assert by["all"]["tokens"] == 7  # the NaN is skipped
 
 
-def test_tawp_run_end_to_end_with_scripted_engines(tmp_path, monkeypatch):
-    """run() from items to files, with the engines replaced by scripted outputs: TARo solves every in-domain
-    problem, the other methods none."""
-    from benchmarks import accuracy
+def scripted_engine(specs: list):
+    """An engine stand-in recording each spec: TARo routers solve every in-domain problem, the other methods none."""
     from router_training import tawp
 
     splits = tawp.make_splits(accuracy_tawp.SMOKE_SIZES)
-    specs = []
 
     def fake_engine(spec):
         specs.append(spec)
@@ -179,6 +176,15 @@ def test_tawp_run_end_to_end_with_scripted_engines(tmp_path, monkeypatch):
                 results[f"{m['label']}|{task}"] = {"texts": texts, "traces": traces if m.get("trace") else None}
         return {"results": results, "seconds": {"startup": 1.0}}
 
+    return fake_engine, splits
+
+
+def test_tawp_run_end_to_end_with_scripted_engines(tmp_path, monkeypatch):
+    """run() from items to files, with the engines replaced by scripted outputs."""
+    from benchmarks import accuracy
+
+    specs = []
+    fake_engine, splits = scripted_engine(specs)
     monkeypatch.setattr(accuracy_tawp, "run_engine", fake_engine)
     args, _ = accuracy.parse_args(["--task", "tawp", "--smoke", "--out", str(tmp_path)])
     accuracy.smoke_setup(args)
@@ -203,6 +209,40 @@ def test_tawp_run_end_to_end_with_scripted_engines(tmp_path, monkeypatch):
     assert "| TARo **<- TARo (val-selected)** | 100.0%" in md
     for f in ("accuracy.md", "accuracy.png", "alphas.html"):
         assert (tmp_path / f).stat().st_size > 100
+
+
+def test_tawp_reuse_runs_only_the_new_router(tmp_path, monkeypatch):
+    """--reuse: an earlier run's outputs stand for every method it already made; only the new router runs, and a
+    run with other settings is refused rather than mixed in."""
+    from benchmarks import accuracy
+
+    specs = []
+    fake_engine, _ = scripted_engine(specs)
+    monkeypatch.setattr(accuracy_tawp, "run_engine", fake_engine)
+
+    def run(*extra_argv, extra=()):
+        args, p = accuracy.parse_args(["--task", "tawp", "--smoke", *extra_argv])
+        accuracy.smoke_setup(args)
+        args.router, args.max_gsm = first_router, 0  # the same main checkpoint in both runs
+        args.max_tokens = int(extra_argv[extra_argv.index("--max-tokens") + 1]) if "--max-tokens" in extra_argv \
+            else args.max_tokens
+        return accuracy_tawp.run(args, list(extra))
+
+    args, _ = accuracy.parse_args(["--task", "tawp", "--smoke"])
+    accuracy.smoke_setup(args)
+    first_router = args.router
+    run("--out", str(tmp_path / "first"))
+    specs.clear()
+    new_router = args.router_full
+    run("--out", str(tmp_path / "second"), "--reuse", str(tmp_path / "first"), extra=[("new", str(new_router))])
+    assert [[m["label"] for m in s["methods"]] for s in specs] == [["TARo new"]]
+    first = json.loads((tmp_path / "first" / "accuracy.json").read_text())
+    second = json.loads((tmp_path / "second" / "accuracy.json").read_text())
+    for label in ("base", "reward", "fixed a=0.25", "TARo"):
+        assert second["outputs"][label] == first["outputs"][label] and second["reused"][label]
+    assert second["correct"]["TARo new"]["test"] == [1, 1, 1, 1]
+    with pytest.raises(SystemExit, match="max_tokens: 8 != 9"):
+        run("--out", str(tmp_path / "third"), "--reuse", str(tmp_path / "first"), "--max-tokens", "9")
 
 
 @pytest.mark.engine

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from router_training import feature_cache as fc
 from router_training import onpolicy, tawp
 from router_training.encoding import Encoder
-from router_training.router_fit import FitConfig, fit, fit_loop
+from router_training.errors import TrainingSetupError
+from router_training.router_fit import FitConfig, fit, fit_loop, fit_router_spec, router_alpha
 from router_training.router_trainer import hf_logit_source, mixed_nll
 from taro_vllm import mix
 from taro_vllm.checkpoint import load_router
@@ -61,19 +63,39 @@ class _Tok:
         return "x"
 
 
-def test_router_trained_on_the_cache_learns_where_to_trust_which_model(tmp_path):
-    """Synthetic models: the base is right before low ids, the reward before high ids; no fixed a does both."""
+@pytest.mark.parametrize("kind", ["topk", "full"])
+def test_router_trained_on_the_cache_learns_where_to_trust_which_model(tmp_path, kind):
+    """Synthetic models: the base is right before low ids, the reward before high ids; no fixed a does both. The
+    full-logits router trains on a cache that kept the full log-prob rows (``full_rows``)."""
     ex = [fc.Example(c, s, group=f"g{i}") for i, (c, s) in enumerate(chain_examples(80, 12, seed=0))]
     fc.build(tmp_path / "cache", synthetic_source(True), synthetic_source(False), ex, _Tok(), 0, 32,
-             fc.CacheConfig(k=4), progress=False)
+             fc.CacheConfig(k=4, full_rows=kind == "full"), progress=False)
     res = fit(FitConfig(cache=str(tmp_path / "cache"), out=str(tmp_path / "router"), other_weight=1.0,
+                        router=fit_router_spec(kind=kind),
                         loop=fit_loop(max_steps=300, lr=3e-3, batch_size=256, eval_every=300, progress=False)))
     ev0, ev = res.report["eval_start"], res.report["eval"]
     assert abs(ev0["mean_a"] - 0.1) < 0.02  # starts near a = 0.1, not saturated
     assert ev["oracle_gain_over_best_fixed"] > 0.1 and res.report["gate_c"]["passed"]
     assert ev["nll_informative"] < ev["best_fixed_nll_informative"]  # beats every fixed a
     router, _ = load_router(tmp_path / "router")
+    assert router.cfg.kind == kind
     rows, _ = fc.load(tmp_path / "cache")
-    a = router.forward_features(fc.topk_features(rows)).detach()
     low = rows["targets"] < HALF
-    assert a[low].mean() < 0.3 < 0.7 < a[~low].mean()
+    with torch.no_grad():
+        a = router_alpha(router, rows)
+        assert a[low].mean() < 0.3 < 0.7 < a[~low].mean()
+        if kind == "full":
+            # What the served router computes from the raw logits: the cached rows differ only by fp16 rounding.
+            ids = torch.tensor([[c[0]] + s for c, s in chain_examples(4, 12, seed=0)])
+            zb = synthetic_source(True)(ids, torch.ones_like(ids))[:, :-1].reshape(-1, 32)
+            zr = synthetic_source(False)(ids, torch.ones_like(ids))[:, :-1].reshape(-1, 32)
+            assert torch.allclose(router(zb, zr), a[: len(zb)], atol=2e-3)
+
+
+def test_a_full_logits_router_needs_a_cache_with_full_rows(tmp_path):
+    ex = [fc.Example(c, s, group=f"g{i}") for i, (c, s) in enumerate(chain_examples(8, 4, seed=0))]
+    fc.build(tmp_path / "cache", synthetic_source(True), synthetic_source(False), ex, _Tok(), 0, 32,
+             fc.CacheConfig(k=4), progress=False)
+    with pytest.raises(TrainingSetupError, match="--full-rows"):
+        fit(FitConfig(cache=str(tmp_path / "cache"), out=str(tmp_path / "router"), router=fit_router_spec(kind="full"),
+                      loop=fit_loop(max_steps=2, progress=False)))
