@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RECIPES = Path(__file__).resolve().parent.parent / "router_training" / "recipes"
 
 
@@ -16,8 +18,9 @@ def recipe_env(tmp_path) -> dict:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
 
 
-def test_the_qwen_recipe_looks_for_its_models_in_taro_vllms_cache(tmp_path):
-    r = subprocess.run(["bash", str(RECIPES / "qwen_w2s_cpu.sh")], env=recipe_env(tmp_path), capture_output=True,
+@pytest.mark.parametrize("recipe", ["qwen_w2s_cpu.sh", "qwen_w2s_tawp_cpu.sh"])
+def test_the_qwen_recipes_look_for_their_models_in_taro_vllms_cache(tmp_path, recipe):
+    r = subprocess.run(["bash", str(RECIPES / recipe)], env=recipe_env(tmp_path), capture_output=True,
                        text=True, timeout=120)
     models = tmp_path / "xdg" / "taro_vllm" / "models"
     assert r.returncode == 2 and f"missing {models}/qwen2.5-coder-0.5b-instruct" in r.stderr, r.stderr

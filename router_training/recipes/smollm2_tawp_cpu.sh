@@ -16,6 +16,7 @@
 #   6 accuracy  through the server path: base, reward, fixed-a sweep, the router(s) on val (selection) and test
 #               (McNemar), OOD (n=100), a_t by token class, alphas.html. The val-selected router becomes
 #               $RUN/router, which `taro-vllm demo` serves.
+# Optional: FULL=1 also trains and evaluates the full-logits router (see below).
 # Optional: ABLATION=1 also trains the pure-GenARM reward model (lambda 0) and reports its gate B.
 #
 # Re-running resumes: finished stages are skipped, the reward stage resumes from its last checkpoint, the feature
@@ -40,16 +41,7 @@ mkdir -p "$RUN"
 BASE=$(python -c "from taro_vllm import assets; print(assets.build_smollm2())")
 echo "base model: $BASE  run: $RUN"
 
-stage() {  # stage NAME DONE_FILE COMMAND...: skip when DONE_FILE exists, else run and record the wall time
-  local name=$1 done_file=$2; shift 2
-  if [[ -e "$done_file" ]]; then echo "== $name: done ($done_file)"; return 0; fi
-  echo "== $name"
-  local t0; t0=$(date +%s)
-  "$@"
-  local dt=$(( $(date +%s) - t0 ))
-  echo "{\"stage\": \"$name\", \"seconds\": $dt}" >> "$RUN/timings.jsonl"
-  echo "== $name: ${dt} s"
-}
+source router_training/recipes/stages.sh  # stage NAME DONE_FILE CMD... (resumable), gate_b_check FILE
 
 stage onpolicy "$RUN/data/manifest.json" \
   python -m router_training onpolicy --out "$RUN/data" --base "$BASE" --reward-problems 250 --router-problems 150 \
@@ -70,18 +62,7 @@ stage reward "$RUN/reward/model.safetensors" reward "$RUN/reward" 1.0
 stage gate_b "$RUN/gate_b.json" \
   python -m router_training.gates --base "$BASE" --reward "$RUN/reward" --pairs "$RUN/data/pairs_router.jsonl" \
     --correct "$RUN/data/correct_router.jsonl" --max-pairs 200 --out "$RUN/gate_b.json" --no-fail
-python - "$RUN/gate_b.json" <<'EOF'
-import json, sys
-g = json.load(open(sys.argv[1]))
-print(f"gate B: reward acc {g['pairwise_accuracy_reward']:.3f} vs base {g['pairwise_accuracy_base']:.3f}; "
-      f"flip@0.5 {g['flip_rate']['0.5']:.3f}; passed={g['passed']}")
-EOF
-if [[ "$(python -c "import json; print(json.load(open('$RUN/gate_b.json'))['passed'])")" != True \
-      && "${FORCE:-0}" != 1 ]]; then
-  echo "gate B failed: the reward model does not know more than the base on held-out on-policy pairs;" \
-       "see $RUN/gate_b.json (FORCE=1 continues anyway)"
-  exit 3
-fi
+gate_b_check "$RUN/gate_b.json"
 
 stage features "$RUN/cache/cache.json" \
   python -m router_training features --base "$BASE" --reward "$RUN/reward" --data "$RUN/data/correct_router.jsonl" \
@@ -110,12 +91,36 @@ stage accuracy "$RUN/eval/accuracy.json" \
   python -m benchmarks.accuracy --task tawp --data "$RUN/data" --router "$RUN/router_nll" $EXTRA \
     --alphas $ALPHAS --n-test "$N_TEST" --n-ood 100 --max-gsm "$MAX_GSM" --variants 0 $EAGER --out "$RUN/eval"
 
+# Optional (FULL=1, ~30 min more): the full-logits router on the same data. Its caches keep both models' whole
+# log-prob rows (fp16, ~3 GB on disk for the two), it trains in minutes, and its evaluation reuses every other
+# method's outputs from $RUN/eval (only its own TARo runs); $RUN/eval_full then holds all routers, selected on val.
+FULL_FLAGS=${FULL_FLAGS:---lr 1e-5 --hidden-dim 32}
+EVAL=$RUN/eval
+if [[ "${FULL:-0}" == 1 ]]; then
+  stage features_full "$RUN/cache_full/cache.json" \
+    python -m router_training features --base "$BASE" --reward "$RUN/reward" --full-rows \
+      --data "$RUN/data/correct_router.jsonl" --data "$RUN/data/gold_router.jsonl" --pairs "$RUN/data/pairs_router.jsonl" \
+      --out "$RUN/cache_full" --max-per-file 120
+  stage features_general_full "$RUN/cache_general_full/cache.json" \
+    python -m router_training features --base "$BASE" --reward "$RUN/reward" --full-rows \
+      --data "$RUN/data/general.jsonl" --out "$RUN/cache_general_full" --max-per-file 320
+  stage router_full "$RUN/router_full/model.safetensors" \
+    python -m router_training fit-router --cache "$RUN/cache_full" --out "$RUN/router_full" --kind full \
+      --objective nll+pref --steps "$ROUTER_STEPS" $FULL_FLAGS \
+      --general-cache "$RUN/cache_general_full" --general-weight 1.0
+  stage accuracy_full "$RUN/eval_full/accuracy.json" \
+    python -m benchmarks.accuracy --task tawp --data "$RUN/data" --router "$RUN/router_nll" $EXTRA \
+      --extra-router full-logits="$RUN/router_full" --reuse "$RUN/eval" \
+      --alphas $ALPHAS --n-test "$N_TEST" --n-ood 100 --max-gsm "$MAX_GSM" --variants 0 $EAGER --out "$RUN/eval_full"
+  EVAL=$RUN/eval_full
+fi
+
 # The val-selected router is the one the demo serves.
-python - "$RUN" <<'EOF'
+python - "$RUN" "$EVAL" <<'EOF'
 import json, os, sys
 from pathlib import Path
 run = Path(sys.argv[1])
-report = json.loads((run / "eval" / "accuracy.json").read_text())
+report = json.loads((Path(sys.argv[2]) / "accuracy.json").read_text())
 chosen = report.get("selected_router") or str(run / "router_nll")
 link = run / "router"
 if link.is_symlink() or link.exists():
