@@ -4,7 +4,8 @@
 
 Sections: stage wall times, gate A (base on validation), the on-policy data, gate B (reward model vs base on held-out
 on-policy pairs), gate C and the routers' validation NLL / a_t by class (from each router's train/report.json), and
-the accuracy benchmark's own tables (eval/accuracy.md).
+the accuracy benchmark's own tables (eval/accuracy.md, or eval_full/ when FULL=1 added the full-logits
+router).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def gate_b(run: Path, name: str = "gate_b.json", label: str = "reward model (Gen
 
 def routers(run: Path) -> list[str]:
     out = []
-    for d in sorted(run.glob("router_*")):
-        rep = _load(d / "train" / "report.json")
+    for d in [run / "router", *sorted(run.glob("router_*"))]:
+        rep = None if d.is_symlink() else _load(d / "train" / "report.json")  # "router" may link the selected one
         if not rep:
             continue
         ev = rep["eval"]
@@ -98,11 +99,16 @@ def routers(run: Path) -> list[str]:
     return out
 
 
+def eval_dir(run: Path) -> Path:
+    """The evaluation holding every router: eval_full (FULL=1: it adds the full-logits router) when it exists."""
+    return run / "eval_full" if (run / "eval_full" / "accuracy.json").is_file() else run / "eval"
+
+
 def versus_reward_alone(run: Path) -> list[str]:
     """The val-selected TARo against the reward model alone (a = 1), which the fixed-a selection does not include."""
     from benchmarks import stats
 
-    acc = _load(run / "eval" / "accuracy.json")
+    acc = _load(eval_dir(run) / "accuracy.json")
     if not acc or "reward" not in acc["correct"]:
         return []
     taro, correct = acc["selection"]["taro"], acc["correct"]
@@ -118,9 +124,9 @@ def report(run: Path) -> str:
     parts = ["### Stage wall times", "", *timings(run), "", "### Data and gate A", "", *data_and_gate_a(run), "",
              "### Reward model (gate B)", "", *gate_b(run), *gate_b(run, "gate_b_genarm.json", "pure GenARM (ablation)"),
              "", "### Routers (gate C, validation on the router split)", "", *routers(run), ""]
-    acc = run / "eval" / "accuracy.md"
+    acc = eval_dir(run) / "accuracy.md"
     if acc.is_file():
-        parts += ["### Accuracy through the server", "", acc.read_text()]
+        parts += [f"### Accuracy through the server ({acc.parent.name}/)", "", acc.read_text()]
     vs = versus_reward_alone(run)
     if vs:
         parts += ["", "### TARo against the reward model alone (paired exact McNemar)", "", *vs]
