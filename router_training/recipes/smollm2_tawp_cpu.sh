@@ -91,10 +91,12 @@ stage accuracy "$RUN/eval/accuracy.json" \
   python -m benchmarks.accuracy --task tawp --data "$RUN/data" --router "$RUN/router_nll" $EXTRA \
     --alphas $ALPHAS --n-test "$N_TEST" --n-ood 100 --max-gsm "$MAX_GSM" --variants 0 $EAGER --out "$RUN/eval"
 
-# Optional (FULL=1, ~30 min more): the full-logits router on the same data. Its caches keep both models' whole
-# log-prob rows (fp16, ~3 GB on disk for the two), it trains in minutes, and its evaluation reuses every other
-# method's outputs from $RUN/eval (only its own TARo runs); $RUN/eval_full then holds all routers, selected on val.
-FULL_FLAGS=${FULL_FLAGS:---lr 1e-5 --hidden-dim 32}
+# Optional (FULL=1, ~45 min more): the full-logits router on the same data. Its caches keep both models' whole
+# log-prob rows (fp16, 1.2 + 1.6 GB on disk), each fit takes ~8 min (500 steps on 2 cores), and the evaluation
+# reuses every other method's outputs from $RUN/eval (only the full routers' TARo runs). Two learning rates (the
+# full router's 2V-wide first layer moves fast under Adam: 1e-4 put a_t at 0.5 on names and items); the
+# evaluation selects on validation accuracy among all routers. $RUN/eval_full then holds everything.
+FULL_LRS=${FULL_LRS:-1e-5 3e-5}
 EVAL=$RUN/eval
 if [[ "${FULL:-0}" == 1 ]]; then
   stage features_full "$RUN/cache_full/cache.json" \
@@ -104,14 +106,18 @@ if [[ "${FULL:-0}" == 1 ]]; then
   stage features_general_full "$RUN/cache_general_full/cache.json" \
     python -m router_training features --base "$BASE" --reward "$RUN/reward" --full-rows \
       --data "$RUN/data/general.jsonl" --out "$RUN/cache_general_full" --max-per-file 320
-  stage router_full "$RUN/router_full/model.safetensors" \
-    python -m router_training fit-router --cache "$RUN/cache_full" --out "$RUN/router_full" --kind full \
-      --objective nll+pref --steps "$ROUTER_STEPS" $FULL_FLAGS \
-      --general-cache "$RUN/cache_general_full" --general-weight 1.0
+  FULL_EXTRA=()
+  for lr in $FULL_LRS; do
+    stage "router_full_lr$lr" "$RUN/router_full_lr$lr/model.safetensors" \
+      python -m router_training fit-router --cache "$RUN/cache_full" --out "$RUN/router_full_lr$lr" --kind full \
+        --objective nll+pref --steps "$ROUTER_STEPS" --lr "$lr" --hidden-dim 32 \
+        --general-cache "$RUN/cache_general_full" --general-weight 1.0
+    FULL_EXTRA+=(--extra-router "full-logits lr$lr=$RUN/router_full_lr$lr")
+  done
   stage accuracy_full "$RUN/eval_full/accuracy.json" \
-    python -m benchmarks.accuracy --task tawp --data "$RUN/data" --router "$RUN/router_nll" $EXTRA \
-      --extra-router full-logits="$RUN/router_full" --reuse "$RUN/eval" \
-      --alphas $ALPHAS --n-test "$N_TEST" --n-ood 100 --max-gsm "$MAX_GSM" --variants 0 $EAGER --out "$RUN/eval_full"
+    python -m benchmarks.accuracy --task tawp --data "$RUN/data" --router "$RUN/router_nll" $EXTRA "${FULL_EXTRA[@]}" \
+      --reuse "$RUN/eval" --alphas $ALPHAS --n-test "$N_TEST" --n-ood 100 --max-gsm "$MAX_GSM" --variants 0 $EAGER \
+      --out "$RUN/eval_full"
   EVAL=$RUN/eval_full
 fi
 
