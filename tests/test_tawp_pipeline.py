@@ -79,8 +79,10 @@ def test_reward_gate_and_routers_from_the_command_line(tmp_path, tiny_paths, run
 
 
 def test_the_report_totals_the_recipe_without_superseded_attempts_or_the_ablation(tmp_path):
-    rows = [("onpolicy", 600), ("router_nll (before X: superseded)", 60), ("reward_genarm", 300), ("accuracy", 1200)]
+    rows = [("onpolicy", 600), ("router_nll (before X: superseded)", 60), ("reward_genarm", 300), ("accuracy", 1200),
+            ("features_full", 120), ("router_full_lr1e-5", 480)]
     (tmp_path / "timings.jsonl").write_text("".join(json.dumps({"stage": s, "seconds": t}) + "\n" for s, t in rows))
     table = "\n".join(recipe_report.timings(tmp_path))
-    assert "current stages** (no superseded attempt, no ablation) | **30.0 min**" in table
-    assert "| everything above | 36.0 min |" in table
+    assert "current stages** (no superseded attempt, no ablation, no FULL=1) | **30.0 min**" in table
+    assert "| the FULL=1 stages (full-logits routers) | 10.0 min |" in table
+    assert "| everything above | 46.0 min |" in table
