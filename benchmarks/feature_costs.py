@@ -110,6 +110,35 @@ def write_outputs(report: dict, out: Path) -> None:
              f"{', '.join(f'{x:.1f}' for x in r['one_router_tok_s'])}{when(r)} | **{r['ratio_four_over_one']:.3f}** (>= 0.95) | "
              f"{paired_median(r['four_routers_tok_s'], r['one_router_tok_s']):.3f} |"]
     (out / "feature_costs.md").write_text("\n".join(lines) + "\n")
+    plot(report, out / "feature_costs.png")
+
+
+def plot(report: dict, path: Path) -> None:
+    """Output tok/s per alternating round, with vs without each feature: the spread the ratios sit in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a, r = report["alphas"], report["routers"]
+    panels = [(f"a_t in streamed responses (concurrency {a['concurrency']})", a["router_alphas_tok_s"], "with a_t",
+               a["router_tok_s"], "without", a["ratio_alphas_over_plain"], 0.98),
+              (f"routers in one batch (offline, batch {r['batch']})", r["four_routers_tok_s"], "4 routers mixed",
+               r["one_router_tok_s"], "1 router", r["ratio_four_over_one"], 0.95)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (title, treated, t_label, control, c_label, ratio, target) in zip(axes, panels):
+        rounds = range(1, len(treated) + 1)
+        ax.plot(rounds, control, "o-", label=c_label)
+        ax.plot(rounds, treated, "s-", label=t_label)
+        ax.set(title=f"{title}\nratio of medians {ratio:.3f} (target >= {target})", xlabel="round",
+               ylabel="output tok/s")
+        ax.set_xticks(list(rounds))
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.suptitle(f"feature costs, {report['machine']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["alphas", "routers"],
                    help="measure only this comparison; the other one is kept from OUT/feature_costs.json (each "
                         "row says when and with which settings it was measured)")
+    p.add_argument("--replot", action="store_true",
+                   help="rewrite OUT/feature_costs.md and .png from OUT/feature_costs.json; measure nothing")
     args = p.parse_args(argv)
+    if args.replot:
+        write_outputs(json.loads((args.out / "feature_costs.json").read_text()), args.out)
+        return 0
     if args.smoke:
         tiny = assets.build_tiny_all()
         args.base, args.reward = args.base or tiny["tiny-llama-base"], args.reward or tiny["tiny-llama-reward"]

@@ -31,6 +31,40 @@ def time_to_health(args: list[str], cache_root: Path, log: Path, timeout: float 
         return seconds
 
 
+def write_outputs(report: dict, out: Path, eager: bool) -> None:
+    """startup[_eager].json, .md (the table) and .png (cold and warm bars per setup)."""
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_eager" if eager else ""
+    (out / f"startup{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows = report["rows"]
+    setups = list(dict.fromkeys(r["setup"] for r in rows))
+    seconds = {(r["setup"], r["start"]): r["seconds"] for r in rows}
+    lines = [f"`taro-vllm serve` launch -> first /health 200 (eager={eager}); base `{report['base']}`, router "
+             f"`{report['router']}`.", "", "| setup | cold (empty compile cache) | warm (same cache again) |",
+             "|---|---:|---:|"]
+    lines += [f"| {name} | {seconds[name, 'cold']:.1f} s | {seconds[name, 'warm']:.1f} s |" for name in setups]
+    (out / f"startup{suffix}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    for i, kind in enumerate(("cold", "warm")):
+        xs = [j + (i - 0.5) * width for j in range(len(setups))]
+        bars = ax.bar(xs, [seconds[name, kind] for name in setups], width, label=kind)
+        ax.bar_label(bars, fmt="%.0f s")
+    ax.set_xticks(range(len(setups)), setups)
+    ax.set(ylabel="seconds to first /health 200", title=f"taro-vllm serve start-up (eager={eager})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"startup{suffix}.png", dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eager", action="store_true", help="serve with --enforce-eager (no torch.compile)")
@@ -38,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["base alone", "TARo"], help="time one setup only")
     p.add_argument("--logs", type=Path, help="keep each start's server log here (vLLM says there whether it loaded "
                                              "or recompiled each sub-model's compile cache)")
+    p.add_argument("--replot", action="store_true",
+                   help="rewrite OUT/startup[_eager].md and .png from the .json; measure nothing")
     args = p.parse_args(argv)
+    if args.replot:
+        suffix = "_eager" if args.eager else ""
+        write_outputs(json.loads((args.out / f"startup{suffix}.json").read_text()), args.out, args.eager)
+        return 0
     from taro_vllm import assets
     from taro_vllm.demo import demo_router
 
@@ -58,18 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 s = time_to_health(serve_args, cache, logs / f"{cache.name}-{kind}{'-eager' if args.eager else ''}.log")
                 rows.append({"setup": name, "start": kind, "seconds": round(s, 1), "eager": args.eager})
                 print(f"{name:>10} {kind}: {s:.1f} s", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_eager" if args.eager else ""
-    (args.out / f"startup{suffix}.json").write_text(json.dumps({"base": str(base), "router": str(router),
-                                                                 "rows": rows}, indent=2) + "\n")
-    lines = [f"`taro-vllm serve` launch -> first /health 200 (eager={args.eager}); base `{base}`, router `{router}`.",
-             "", "| setup | cold (empty compile cache) | warm (same cache again) |", "|---|---:|---:|"]
-    for name in setups:
-        cold, warm = (next(r["seconds"] for r in rows if r["setup"] == name and r["start"] == k)
-                      for k in ("cold", "warm"))
-        lines.append(f"| {name} | {cold:.1f} s | {warm:.1f} s |")
-    (args.out / f"startup{suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_outputs({"base": str(base), "router": str(router), "rows": rows}, args.out, args.eager)
     return 0
 
 

@@ -100,3 +100,26 @@ def test_serve_compare_puts_taro_next_to_plain_vllm_per_concurrency(tmp_path):
     md = (tmp_path / "serve_compare.md").read_text()
     assert "| TARo | router | 8 | 16 / 16 |" in md and "| router c=8 | **2.20** |" in md
     assert (tmp_path / "serve_compare.png").stat().st_size > 1000
+
+
+def test_startup_and_feature_costs_replot_their_tables_and_plots_from_json(tmp_path):
+    """--replot re-renders a run's table and PNG from its JSON (nothing is measured)."""
+    from benchmarks import feature_costs, startup
+
+    rows = [{"setup": s, "start": k, "seconds": t, "eager": False}
+            for s, k, t in (("base alone", "cold", 150.2), ("base alone", "warm", 73.6), ("TARo", "cold", 182.3),
+                            ("TARo", "warm", 97.6))]
+    (tmp_path / "startup.json").write_text(json.dumps({"base": "B", "router": "R", "rows": rows}))
+    assert startup.main(["--replot", "--out", str(tmp_path)]) == 0
+    assert "| TARo | 182.3 s | 97.6 s |" in (tmp_path / "startup.md").read_text()
+    costs = {"base": "B", "reward": "B", "dtype": "float32", "max_tokens": 64, "rounds": 2, "machine": "2 CPU cores",
+             "routers": {"batch": 32, "one_router_tok_s": [80.0, 90.0], "four_routers_tok_s": [78.0, 91.0],
+                         "ratio_four_over_one": 84.5 / 85.0},
+             "alphas": {"concurrency": 32, "errors": False, "router_tok_s": [50.0, 60.0],
+                        "router_alphas_tok_s": [49.0, 61.0], "ratio_alphas_over_plain": 1.0}}
+    (tmp_path / "feature_costs.json").write_text(json.dumps(costs))
+    assert feature_costs.main(["--replot", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "feature_costs.md").read_text()
+    assert "**0.994** (>= 0.95)" in md and "49.0, 61.0 vs 50.0, 60.0" in md
+    for png in ("startup.png", "feature_costs.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
