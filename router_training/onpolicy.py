@@ -88,11 +88,12 @@ class BaseSampler:
         envs.engine_defaults(kv_cache_gib=4, in_process=True)
         from transformers import AutoTokenizer
 
-        from taro_vllm.demo import demo_router
+        from taro_vllm.demo import untrained_router
         from taro_vllm.serving.llm import taro_llm
 
         self.tok = AutoTokenizer.from_pretrained(base)
-        self.llm = taro_llm(base, str(demo_router(Path(base))), dtype=dtype, max_model_len=1024, seed=seed,
+        # The base as its own reward model: taro_mode=base never reads the reward's logits, and any base works.
+        self.llm = taro_llm(base, str(untrained_router(Path(base))), dtype=dtype, max_model_len=1024, seed=seed,
                             enforce_eager=eager)
 
     def generate(self, problems: list[tawp.Problem], n: int, temperature: float, max_tokens: int) -> list[list[str]]:

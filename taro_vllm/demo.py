@@ -1,4 +1,5 @@
-"""The router ``taro-vllm demo`` serves (and on-policy sampling uses), picked from the asset cache.
+"""The router ``taro-vllm demo`` serves, picked from the asset cache, and the untrained base-as-reward router that
+serves any base alone (on-policy sampling).
 
 Sits above :mod:`taro_vllm.assets` (the cache folders), :mod:`taro_vllm.router` and :mod:`taro_vllm.checkpoint` (an
 untrained router is built and saved when no trained one can be served), so that assets stays at the bottom.
@@ -29,15 +30,24 @@ def demo_router(base: Path) -> Path:
             return trained
         except CheckpointError as e:
             warnings.warn(f"not serving the trained demo router: {e}", stacklevel=2)
-    dest = cache_dir() / "routers" / "smollm2-untrained"
+    return untrained_router(base, "smollm2-untrained",
+                            note="untrained demo router (a = 0.1); run the SmolLM2 recipe")
+
+
+def untrained_router(base: Path, name: str | None = None, note: str = "untrained router (a = 0.1)") -> Path:
+    """A fresh router for ``base`` with the base itself as the reward model (a = 0.1 on every token), saved once per
+    base under ``<cache>/routers/``: what serves the base alone (``taro_mode=base``, e.g. on-policy sampling) for any
+    base, not only the demo's. An older-format or other-base checkpoint under that name is rebuilt."""
+    fingerprint = tokenizer_fingerprint(base)
+    dest = cache_dir() / "routers" / (name or f"untrained-{base.name}-{fingerprint.split(':')[-1][:12]}")
     if (dest / "config.json").is_file():
         try:
-            read_config(dest)
-            return dest
+            if read_config(dest).base_model == str(base):
+                return dest
         except CheckpointError:
             pass  # an older format: rebuilt below
     cfg = json.loads((base / "config.json").read_text())
     router = build_router(RouterConfig(vocab_size=cfg["vocab_size"]))
-    save_router(dest, router, tokenizer_fingerprint=tokenizer_fingerprint(base), base_model=str(base),
-                reward_model=str(base), training={"note": "untrained demo router (a = 0.1); run the SmolLM2 recipe"})
+    save_router(dest, router, tokenizer_fingerprint=fingerprint, base_model=str(base), reward_model=str(base),
+                training={"note": note})
     return dest
