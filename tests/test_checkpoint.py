@@ -170,3 +170,18 @@ def test_demo_router_rebuilds_an_old_untrained_router_and_skips_an_old_trained_o
                               expected_tokenizer_fingerprint=tokenizer_fingerprint(base))
     assert cfg.format_version == 2
     torch.testing.assert_close(router(torch.randn(3, 49152), torch.randn(3, 49152)), torch.full((3,), 0.1))
+
+
+def test_an_untrained_router_serves_any_base_with_itself_as_reward(tmp_path, monkeypatch, tiny_paths):
+    """What on-policy sampling serves (taro_mode=base): built once per base, for a base of any tokenizer size."""
+    from taro_vllm.demo import untrained_router
+    from taro_vllm.pairing import validate_setup
+
+    monkeypatch.setenv("TARO_VLLM_CACHE", str(tmp_path))
+    llama, qwen = tiny_paths["tiny-llama-base"], tiny_paths["tiny-qwen2-base"]
+    a, b = untrained_router(llama), untrained_router(qwen)
+    assert a != b and untrained_router(qwen) == b  # one per base, reused
+    for base, path in ((llama, a), (qwen, b)):
+        _, cfg = load_router(path)
+        assert cfg.base_model == cfg.reward_model == str(base)
+        validate_setup(base, path)  # pairs with its own base: no TaroSetupError
