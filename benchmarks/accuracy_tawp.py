@@ -327,14 +327,16 @@ def run(args: argparse.Namespace, extra: list[tuple[str, str]]) -> str:
                 "reward_override": common["reward"]}
     raw: dict = {}
     seconds: dict = {}
-    reused = reusable_outputs(args.reuse, str(base), settings, items, routers) if args.reuse else {}
+    reusable = reusable_outputs(args.reuse, str(base), settings, items, routers) if args.reuse else {}
+    reused: dict = {}
     for k, (label, ckpt) in enumerate(routers.items()):
         methods = core_methods(args.alphas, label, getattr(args, "reward_alone", True)) if k == 0 \
             else [taro_method(label)]
-        todo = [m for m in methods if m["label"] not in reused]
+        todo = [m for m in methods if m["label"] not in reusable]
         for m in methods:
-            if m["label"] in reused:
-                raw.update({f"{m['label']}|{t}": out for t, out in reused[m["label"]].items()})
+            if m["label"] in reusable:
+                raw.update({f"{m['label']}|{t}": o for t, o in reusable[m["label"]].items()})
+                reused[m["label"]] = str(args.reuse)
         if not todo:
             seconds[f"engine {label}"] = f"reused from {args.reuse}"
             continue
@@ -347,7 +349,7 @@ def run(args: argparse.Namespace, extra: list[tuple[str, str]]) -> str:
     seconds["total"] = round(time.perf_counter() - t_start, 1)
     report = {"task": "tawp", "base": str(base), "data": str(args.data) if args.data else "smoke (tawp.make_splits)",
               "routers": routers, "selected_router": routers[report["selection"]["taro"]], "alphas": args.alphas,
-              "settings": settings, "reused": {m: str(args.reuse) for m in reused}, "seconds": seconds, **report}
+              "settings": settings, "reused": reused, "seconds": seconds, **report}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(report, raw, items, args.out / "accuracy.json")
     write_md(report, args.out / "accuracy.md")
