@@ -31,7 +31,7 @@ REWARD_STEPS=${REWARD_STEPS:-30}
 EAGER=${EAGER:---eager}
 mkdir -p "$RUN"
 echo "training base: $SMALL  served base: $BIG  run: $RUN"
-source router_training/recipes/stages.sh  # stage NAME DONE_FILE CMD... (resumable), gate_b_check FILE
+source router_training/recipes/stages.sh  # stage (resumable), gate_b_check, feature_caches
 
 stage onpolicy "$RUN/data/manifest.json" \
   python -m router_training onpolicy --out "$RUN/data" --base "$SMALL" --reward-problems 120 --router-problems 80 \
@@ -54,12 +54,7 @@ stage gate_b "$RUN/gate_b.json" \
     --correct "$RUN/data/correct_router.jsonl" --max-pairs 60 --out "$RUN/gate_b.json" --no-fail
 gate_b_check "$RUN/gate_b.json"
 
-stage features "$RUN/cache/cache.json" \
-  python -m router_training features --base "$SMALL" --reward "$RUN/reward" --data "$RUN/data/correct_router.jsonl" \
-    --data "$RUN/data/gold_router.jsonl" --pairs "$RUN/data/pairs_router.jsonl" --out "$RUN/cache" --max-per-file 80
-stage features_general "$RUN/cache_general/cache.json" \
-  python -m router_training features --base "$SMALL" --reward "$RUN/reward" --data "$RUN/data/general.jsonl" \
-    --out "$RUN/cache_general" --max-per-file 160
+feature_caches "$SMALL" "" 80 160
 
 stage router "$RUN/router/model.safetensors" \
   python -m router_training fit-router --cache "$RUN/cache" --out "$RUN/router" --objective nll+pref \

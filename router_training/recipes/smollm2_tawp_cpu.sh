@@ -41,7 +41,7 @@ mkdir -p "$RUN"
 BASE=$(python -c "from taro_vllm import assets; print(assets.build_smollm2())")
 echo "base model: $BASE  run: $RUN"
 
-source router_training/recipes/stages.sh  # stage NAME DONE_FILE CMD... (resumable), gate_b_check FILE
+source router_training/recipes/stages.sh  # stage (resumable), gate_b_check, feature_caches
 
 stage onpolicy "$RUN/data/manifest.json" \
   python -m router_training onpolicy --out "$RUN/data" --base "$BASE" --reward-problems 250 --router-problems 150 \
@@ -64,13 +64,7 @@ stage gate_b "$RUN/gate_b.json" \
     --correct "$RUN/data/correct_router.jsonl" --max-pairs 200 --out "$RUN/gate_b.json" --no-fail
 gate_b_check "$RUN/gate_b.json"
 
-stage features "$RUN/cache/cache.json" \
-  python -m router_training features --base "$BASE" --reward "$RUN/reward" --data "$RUN/data/correct_router.jsonl" \
-    --data "$RUN/data/gold_router.jsonl" --pairs "$RUN/data/pairs_router.jsonl" --out "$RUN/cache" --max-per-file 120
-
-stage features_general "$RUN/cache_general/cache.json" \
-  python -m router_training features --base "$BASE" --reward "$RUN/reward" --data "$RUN/data/general.jsonl" \
-    --out "$RUN/cache_general" --max-per-file 320
+feature_caches "$BASE" "" 120 320
 
 stage router_nll "$RUN/router_nll/model.safetensors" \
   python -m router_training fit-router --cache "$RUN/cache" --out "$RUN/router_nll" --objective nll \
@@ -99,13 +93,7 @@ stage accuracy "$RUN/eval/accuracy.json" \
 FULL_LRS=${FULL_LRS:-1e-5 3e-5}
 EVAL=$RUN/eval
 if [[ "${FULL:-0}" == 1 ]]; then
-  stage features_full "$RUN/cache_full/cache.json" \
-    python -m router_training features --base "$BASE" --reward "$RUN/reward" --full-rows \
-      --data "$RUN/data/correct_router.jsonl" --data "$RUN/data/gold_router.jsonl" --pairs "$RUN/data/pairs_router.jsonl" \
-      --out "$RUN/cache_full" --max-per-file 120
-  stage features_general_full "$RUN/cache_general_full/cache.json" \
-    python -m router_training features --base "$BASE" --reward "$RUN/reward" --full-rows \
-      --data "$RUN/data/general.jsonl" --out "$RUN/cache_general_full" --max-per-file 320
+  feature_caches "$BASE" _full 120 320 --full-rows
   FULL_EXTRA=()
   for lr in $FULL_LRS; do
     stage "router_full_lr$lr" "$RUN/router_full_lr$lr/model.safetensors" \
