@@ -38,7 +38,8 @@ def untrained_router(base: Path, name: str | None = None, note: str = "untrained
     """A fresh router for ``base`` with the base itself as the reward model (a = 0.1 on every token), saved once per
     base under ``<cache>/routers/``: what serves the base alone (``taro_mode=base``, e.g. on-policy sampling) for any
     base, not only the demo's. An older-format or other-base checkpoint under that name is rebuilt."""
-    fingerprint = tokenizer_fingerprint(base)
+    # The tokenizer is loaded for the fingerprint only when the name needs it or a router is built (demo start-up).
+    fingerprint = None if name else tokenizer_fingerprint(base)
     dest = cache_dir() / "routers" / (name or f"untrained-{base.name}-{fingerprint.split(':')[-1][:12]}")
     if (dest / "config.json").is_file():
         try:
@@ -48,6 +49,6 @@ def untrained_router(base: Path, name: str | None = None, note: str = "untrained
             pass  # an older format: rebuilt below
     cfg = json.loads((base / "config.json").read_text())
     router = build_router(RouterConfig(vocab_size=cfg["vocab_size"]))
-    save_router(dest, router, tokenizer_fingerprint=fingerprint, base_model=str(base), reward_model=str(base),
-                training={"note": note})
+    save_router(dest, router, tokenizer_fingerprint=fingerprint or tokenizer_fingerprint(base), base_model=str(base),
+                reward_model=str(base), training={"note": note})
     return dest

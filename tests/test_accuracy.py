@@ -220,21 +220,18 @@ def test_tawp_reuse_runs_only_the_new_router(tmp_path, monkeypatch):
     fake_engine, _ = scripted_engine(specs)
     monkeypatch.setattr(accuracy_tawp, "run_engine", fake_engine)
 
-    def run(*extra_argv, extra=()):
-        args, p = accuracy.parse_args(["--task", "tawp", "--smoke", *extra_argv])
-        accuracy.smoke_setup(args)
-        args.router, args.max_gsm = first_router, 0  # the same main checkpoint in both runs
-        args.max_tokens = int(extra_argv[extra_argv.index("--max-tokens") + 1]) if "--max-tokens" in extra_argv \
-            else args.max_tokens
+    def run(out: str, *argv: str, extra=(), max_tokens: int = 8):
+        args, _ = accuracy.parse_args(["--task", "tawp", "--smoke", "--out", str(tmp_path / out), *argv])
+        accuracy.smoke_setup(args)  # fresh random routers: pin the main checkpoint, the same in every run
+        args.router, args.max_gsm, args.max_tokens = first_router, 0, max_tokens
         return accuracy_tawp.run(args, list(extra))
 
     args, _ = accuracy.parse_args(["--task", "tawp", "--smoke"])
     accuracy.smoke_setup(args)
     first_router = args.router
-    run("--out", str(tmp_path / "first"))
+    run("first")
     specs.clear()
-    new_router = args.router_full
-    run("--out", str(tmp_path / "second"), "--reuse", str(tmp_path / "first"), extra=[("new", str(new_router))])
+    run("second", "--reuse", str(tmp_path / "first"), extra=[("new", str(args.router_full))])
     assert [[m["label"] for m in s["methods"]] for s in specs] == [["TARo new"]]
     first = json.loads((tmp_path / "first" / "accuracy.json").read_text())
     second = json.loads((tmp_path / "second" / "accuracy.json").read_text())
@@ -242,7 +239,7 @@ def test_tawp_reuse_runs_only_the_new_router(tmp_path, monkeypatch):
         assert second["outputs"][label] == first["outputs"][label] and second["reused"][label]
     assert second["correct"]["TARo new"]["test"] == [1, 1, 1, 1]
     with pytest.raises(SystemExit, match="max_tokens: 8 != 9"):
-        run("--out", str(tmp_path / "third"), "--reuse", str(tmp_path / "first"), "--max-tokens", "9")
+        run("third", "--reuse", str(tmp_path / "first"), max_tokens=9)
 
 
 @pytest.mark.engine
