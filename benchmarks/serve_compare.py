@@ -2,6 +2,7 @@
 
     python -m benchmarks.serve_compare                     # SmolLM2-135M: plain vLLM, then TARo, c = 1 / 8 / 32 / 64
     python -m benchmarks.serve_compare --modes router fixed:0.5 --concurrency 1 32
+    python -m benchmarks.serve_compare --w2s               # Qwen 1.5B base, the W2S recipe's 0.5B reward + router
 
 Starts ``taro-vllm serve BASE`` without a router (plain vLLM, nothing of TARo in the engine), sweeps it with
 benchmarks.serve_bench (mode ``none``), stops it; then ``taro-vllm serve BASE --taro-router R`` (a random router: the
@@ -24,7 +25,7 @@ import torch
 
 from benchmarks import serve_bench
 from benchmarks.server_process import running_server
-from benchmarks.throughput import _random_router
+from benchmarks.throughput import _random_router, w2s_models
 from taro_vllm import assets
 
 ROOT = Path(__file__).resolve().parent
@@ -55,9 +56,9 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
-def write_outputs(report: dict, out: Path) -> None:
+def write_outputs(report: dict, out: Path, name: str = "serve_compare") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Base `{report['base']}`, reward `{report['reward']}`, {report['dtype']}, {report['input_len']} prompt "
              f"+ {report['max_tokens']} output tokens per request, `vllm bench serve`; {report['machine']}.", "",
              "| server | mode | concurrency | requests ok | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |",
@@ -68,7 +69,7 @@ def write_outputs(report: dict, out: Path) -> None:
                      f"{1000 * r['tpot_p50_s']:.1f} / {1000 * r['tpot_p99_s']:.1f} |")
     lines += ["", "| TARo TPOT p50 / plain vLLM TPOT p50 | ratio |", "|---|---:|"]
     lines += [f"| {k} | **{v:.2f}** |" for k, v in report["ratios"].items()]
-    (out / "serve_compare.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -88,7 +89,7 @@ def write_outputs(report: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out / "serve_compare.png", dpi=120)
+    fig.savefig(out / f"{name}.png", dpi=120)
     plt.close(fig)
 
 
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, help="base model dir (default: SmolLM2-135M-Instruct asset)")
     p.add_argument("--reward", type=Path, help="reward model dir (default: the base itself)")
+    p.add_argument("--router", type=Path, help="top-K router checkpoint (default: a random one)")
+    p.add_argument("--w2s", action="store_true", help="weak-to-strong shape: Qwen2.5-Coder-1.5B base with the W2S "
+                                                      "TAWP recipe's 0.5B reward model and router")
+    p.add_argument("--name", help="output file stem (default serve_compare, --w2s: serve_compare_w2s)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--modes", nargs="+", default=["router"], help="TARo modes (serve_bench syntax)")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -104,19 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
+    if args.w2s:
+        big, reward, router = w2s_models()
+        args.base, args.reward, args.router = args.base or big, args.reward or reward, args.router or router
+        args.name = args.name or "serve_compare_w2s"
     base = args.base or assets.build_smollm2()
     reward = args.reward or base
     work = Path(tempfile.mkdtemp(prefix="taro-serve-compare-"))
     common = ["--dtype", args.dtype, "--max-model-len", str(args.input_len + args.max_tokens + 64),
               "--served-model-name", "taro", "--seed", "0"] + (["--enforce-eager"] if args.eager else [])
     rows = sweep([str(base), *common], ["none"], args, work, "plain vLLM")
-    router = _random_router(work / "router", base, reward, "topk")
+    router = args.router or _random_router(work / "router", base, reward, "topk")
     rows += sweep([str(base), "--taro-router", str(router), "--taro-reward-model", str(reward), *common], args.modes,
                   args, work, "TARo")
-    report = {"base": str(base), "reward": str(reward), "dtype": args.dtype, "max_tokens": args.max_tokens,
+    report = {"base": str(base), "reward": str(reward), "router": str(router), "dtype": args.dtype, "max_tokens": args.max_tokens,
               "input_len": args.input_len, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
               "rows": rows, "ratios": ratios(rows)}
-    write_outputs(report, args.out)
+    write_outputs(report, args.out, args.name or "serve_compare")
     print(json.dumps(report["ratios"], indent=2))
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 

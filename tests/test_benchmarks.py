@@ -19,9 +19,10 @@ def test_throughput_smoke_writes_table_plot_and_ratios(tmp_path):
     assert {"base alone", "reward alone", "fixed a=0.5 (GenARM mix)", "TARo top-K", "TARo full-logits",
             "GenARM-style HF loop (batch 1)"} <= labels
     assert all(row["output_tokens"] > 0 and row["tokens_per_s"] > 0 for row in report["rows"])
-    assert "router overhead" in " ".join(report["ratios"]["batch 2"])
+    assert "router overhead" in " ".join(report["ratios"]["float32, batch 2"])
+    assert "two-model bound" in " ".join(report["ratios"]["float32, batch 2"])
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
-    assert "| TARo top-K | 2 |" in (tmp_path / "throughput.md").read_text()
+    assert "| TARo top-K | float32 | 2 |" in (tmp_path / "throughput.md").read_text()
 
 
 def test_router_op_microbenchmark_smoke(tmp_path):
@@ -123,3 +124,37 @@ def test_startup_and_feature_costs_replot_their_tables_and_plots_from_json(tmp_p
     assert "**0.994** (>= 0.95)" in md and "49.0, 61.0 vs 50.0, 60.0" in md
     for png in ("startup.png", "feature_costs.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+def test_throughput_table_ratios_and_plot_per_dtype_with_the_two_model_bound(tmp_path):
+    """Each dtype's rows give their own ratios; the bound 1/(1/base + 1/reward) is what TARo is held against."""
+    from benchmarks import throughput
+
+    def row(label, engine, dtype, bs, tps):
+        return {"label": label, "engine": engine, "dtype": dtype, "batch_size": bs, "tokens_per_s": tps,
+                "output_tokens": 8 * bs, "seconds": 8 * bs / tps}
+
+    rows = [row(lbl, eng, dt, bs, tps * (1 if dt == "float32" else 0.5) * bs)
+            for dt in ("float32", "bfloat16") for bs in (1, 4)
+            for lbl, eng, tps in (("base alone", "base", 10.0), ("reward alone", "reward", 30.0),
+                                  ("fixed a=0.5 (GenARM mix)", "taro-topk", 7.0), ("TARo top-K", "taro-topk", 7.0))]
+    assert throughput.bound(rows[:4], 1) == pytest.approx(7.5)
+    r = {dt: throughput.ratios([x for x in rows if x["dtype"] == dt], 4, dt) for dt in ("float32", "bfloat16")}
+    f1 = r["float32"]["float32, batch 1"]
+    assert f1["TARo top-K / two-model bound 1/(1/base + 1/reward) (target >= 0.9)"] == pytest.approx(7 / 7.5)
+    assert f1["router overhead: TARo top-K / fixed-a (target >= 0.97)"] == pytest.approx(1.0)
+    assert "bfloat16, batch 4" in r["bfloat16"] and not any("GenARM" in k for k in r["float32"])  # no HF rows
+    report = {"base": "/m/Qwen-1.5B", "dtypes": ["float32", "bfloat16"], "cpu_count": 2, "rows": rows,
+              "engines": {"base (float32)": {"startup_s": 60.0}}, "ratios": {**r["float32"], **r["bfloat16"]}}
+    throughput.write_outputs(report, tmp_path, "throughput_w2s")
+    md = (tmp_path / "throughput_w2s.md").read_text()
+    assert "| TARo top-K | bfloat16 | 4 | 14.0 |" in md and "| base (float32) | 60.0 |" in md
+    assert (tmp_path / "throughput_w2s.png").stat().st_size > 10_000
+
+
+def test_throughput_w2s_without_the_qwen_assets_says_how_to_get_them(tmp_path, monkeypatch, capsys):
+    from benchmarks import throughput
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(SystemExit, match="taro-vllm assets qwen-coder"):
+        throughput.main(["--w2s", "--out", str(tmp_path)])
