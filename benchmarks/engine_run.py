@@ -5,7 +5,7 @@
 
 A fresh process per engine: one engine at a time, its memory freed on exit, nothing left over in the caller.
 
-SPEC (this module's workers): {"worker": "throughput" | "greedy", "model": path, "router": ckpt, {name: ckpt} or
+SPEC (this module's workers): {"worker": "throughput" | "greedy" | "profile", "model": path, "router": ckpt, {name: ckpt} or
 null (null = stock vLLM), "reward", "dtype", "max_model_len", "eager", "engine_kwargs": {...}, "max_tokens",
 "prompts": [[ids]...], "runs": [{"label": ..., "extra_args": {...} or "extra_args_cycle": [{...}, ...]}, ...]}
 
@@ -14,6 +14,7 @@ null (null = stock vLLM), "reward", "dtype", "max_model_len", "eager", "engine_k
   exactly max_tokens tokens.
 * greedy (+ optional "models": several stock-vLLM models, one after another): per run label, per prompt, the greedy
   ids and text, the top-2 logprobs of each step and the logprob of each sampled token.
+* profile (+ "batch", "extra_args", "top"): torch.profiler's top ops by self CPU time over one batch of decoding.
 """
 
 from __future__ import annotations
@@ -137,7 +138,30 @@ def greedy(spec: dict) -> dict:
     return one_engine(_engine(spec))
 
 
-WORKERS = {"throughput": throughput, "greedy": greedy}
+def profile(spec: dict) -> dict:
+    """torch.profiler over one batch of decoding (in-process engine: the model runner's ops are in this process).
+    Returns the top ops by self CPU time and the profiled wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = _engine(spec)
+    batch = [TokensPrompt(prompt_token_ids=spec["prompts"][i % len(spec["prompts"])]) for i in range(spec["batch"])]
+    sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True, extra_args=spec.get("extra_args"))
+    llm.generate(batch, sp, use_tqdm=False)  # warm-up: compile, first allocations
+    t = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        llm.generate(batch, sp, use_tqdm=False)
+    wall = time.perf_counter() - t
+    ops = [{"name": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000, "cpu_total_ms": e.cpu_time_total / 1000,
+            "calls": e.count} for e in prof.key_averages()]
+    ops.sort(key=lambda o: -o["self_cpu_ms"])
+    return {"wall_s": wall, "ops": ops[: spec.get("top", 30)], "taro_stages": [o for o in ops if o["name"].startswith("taro::")],
+            "self_cpu_total_ms": sum(e.self_cpu_time_total for e in prof.key_averages()) / 1000}
+
+
+WORKERS = {"throughput": throughput, "greedy": greedy, "profile": profile}
 
 
 def main(spec_path: str, out_path: str) -> None:

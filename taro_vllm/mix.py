@@ -145,11 +145,14 @@ def route_and_mix(
     row, the router's own weight and a per-row ``nonfinite`` flag. Arguments as in :func:`resolve_weight`; the reward
     logits are first aligned to the base's vocabulary (:func:`align_vocab`).
     """
-    z_reward = align_vocab(z_reward, z_base)
-    alpha, routed = resolve_weight(z_base, z_reward, router, override, needs_router=needs_router)
     from taro_vllm import mix_triton
 
-    mixed = (mix_triton.mix_rows if mix_triton.available(z_base) else mix_rows)(z_base, z_reward, alpha)
+    # Named ranges so a torch.profiler trace (benchmarks.profile_step) shows the router and the mix as stages.
+    with torch.profiler.record_function("taro::router"):
+        z_reward = align_vocab(z_reward, z_base)
+        alpha, routed = resolve_weight(z_base, z_reward, router, override, needs_router=needs_router)
+    with torch.profiler.record_function("taro::mix"):
+        mixed = (mix_triton.mix_rows if mix_triton.available(z_base) else mix_rows)(z_base, z_reward, alpha)
     row_stats = routed.row_stats if routed is not None else ()
     if not row_stats:
         row_stats = (mixed.amax(dim=-1),)  # NaN/+inf that reaches the mixed row (0 < a < 1, or the copied model)

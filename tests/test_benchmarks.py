@@ -158,3 +158,16 @@ def test_throughput_w2s_without_the_qwen_assets_says_how_to_get_them(tmp_path, m
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(SystemExit, match="taro-vllm assets qwen-coder"):
         throughput.main(["--w2s", "--out", str(tmp_path)])
+
+
+@pytest.mark.engine
+def test_profile_step_names_where_a_taro_batch_spends_its_time(tmp_path):
+    from benchmarks import profile_step
+
+    assert profile_step.main(["--smoke", "--modes", "router", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "profile_smoke.json").read_text())
+    ops = report["modes"]["router"]["ops"]
+    assert ops and all(o["calls"] > 0 for o in ops) and report["modes"]["router"]["self_cpu_total_ms"] > 0
+    assert any(o["name"].startswith("aten::") for o in ops)  # the model runner's ops were in the profiled process
+    assert {s["name"] for s in report["modes"]["router"]["taro_stages"]} == {"taro::router", "taro::mix"}
+    assert "| op | self CPU (ms) | share | calls |" in (tmp_path / "profile_smoke.md").read_text()
