@@ -76,18 +76,21 @@ def write_outputs(report: dict, out: Path, name: str = "serve_compare") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key in dict.fromkeys((r["server"], r["mode"]) for r in report["rows"]):
+    # Latency percentiles vs concurrency: p50 solid, p99 dashed, one colour per (server, mode).
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for i, key in enumerate(dict.fromkeys((r["server"], r["mode"]) for r in report["rows"])):
         pts = sorted((r["concurrency"], r) for r in report["rows"] if (r["server"], r["mode"]) == key)
-        label = key[0] if key[1] == "none" else f"{key[0]} ({key[1]})"
-        ax1.plot([c for c, _ in pts], [1000 * r["tpot_p50_s"] for _, r in pts], marker="o", label=label)
-        ax2.plot([c for c, _ in pts], [r["tokens_per_s"] for _, r in pts], marker="o", label=label)
-    for ax, title in ((ax1, "TPOT p50 (ms)"), (ax2, "output tokens/s")):
+        label, colour, cs = (key[0] if key[1] == "none" else f"{key[0]} ({key[1]})"), f"C{i}", [c for c, _ in pts]
+        for ax, metric in ((ax1, "tpot"), (ax2, "ttft")):
+            ax.plot(cs, [1000 * r[f"{metric}_p50_s"] for _, r in pts], marker="o", color=colour, label=f"{label} p50")
+            ax.plot(cs, [1000 * r[f"{metric}_p99_s"] for _, r in pts], ls="--", color=colour, label=f"{label} p99")
+        ax3.plot(cs, [r["tokens_per_s"] for _, r in pts], marker="o", color=colour, label=label)
+    for ax, title in ((ax1, "TPOT (ms)"), (ax2, "TTFT (ms)"), (ax3, "output tokens/s")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    ax2.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=120)
     plt.close(fig)
@@ -108,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--eager", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--replot", action="store_true", help="redraw the table and plot from the JSON (no servers)")
     args = p.parse_args(argv)
+    if args.replot:
+        name = args.name or ("serve_compare_w2s" if args.w2s else "serve_compare")
+        write_outputs(json.loads((args.out / f"{name}.json").read_text()), args.out, name)
+        return 0
     if args.w2s:
         big, reward, router = w2s_models()
         args.base, args.reward, args.router = args.base or big, args.reward or reward, args.router or router
