@@ -5,9 +5,10 @@
 
 A fresh process per engine: one engine at a time, its memory freed on exit, nothing left over in the caller.
 
-SPEC (this module's workers): {"worker": "throughput" | "greedy" | "profile", "model": path, "router": ckpt, {name: ckpt} or
-null (null = stock vLLM), "reward", "dtype", "max_model_len", "eager", "engine_kwargs": {...}, "max_tokens",
-"prompts": [[ids]...], "runs": [{"label": ..., "extra_args": {...} or "extra_args_cycle": [{...}, ...]}, ...]}
+SPEC (this module's workers): {"worker": "throughput" | "greedy" | "profile", "model": path, "router": ckpt,
+{name: ckpt} or null (null = stock vLLM), "reward", "dtype", "max_model_len", "eager", "engine_kwargs": {...},
+"max_tokens", "prompts": [[ids]...], "runs": [{"label": ..., "extra_args": {...} or "extra_args_cycle": [{...}, ...]},
+...]}
 
 * throughput (+ "batch_sizes"): per run label and batch size, output tokens/s over the whole batch, TTFT and TPOT
   (p50/p99) from vLLM's per-request stats, and the process's peak RSS. EOS is ignored so every request makes
@@ -148,7 +149,8 @@ def profile(spec: dict) -> dict:
 
     llm = _engine(spec)
     batch = [TokensPrompt(prompt_token_ids=spec["prompts"][i % len(spec["prompts"])]) for i in range(spec["batch"])]
-    sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True, extra_args=spec.get("extra_args"))
+    sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True,
+                        extra_args=spec.get("extra_args"))
     llm.generate(batch, sp, use_tqdm=False)  # warm-up: compile, first allocations
     t = time.perf_counter()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -157,8 +159,9 @@ def profile(spec: dict) -> dict:
     ops = [{"name": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000, "cpu_total_ms": e.cpu_time_total / 1000,
             "calls": e.count} for e in prof.key_averages()]
     ops.sort(key=lambda o: -o["self_cpu_ms"])
-    return {"wall_s": wall, "ops": ops[: spec.get("top", 30)], "taro_stages": [o for o in ops if o["name"].startswith("taro::")],
-            "self_cpu_total_ms": sum(e.self_cpu_time_total for e in prof.key_averages()) / 1000}
+    return {"wall_s": wall, "ops": ops[: spec.get("top", 30)],
+            "taro_stages": [o for o in ops if o["name"].startswith("taro::")],
+            "self_cpu_total_ms": sum(o["self_cpu_ms"] for o in ops)}
 
 
 WORKERS = {"throughput": throughput, "greedy": greedy, "profile": profile}

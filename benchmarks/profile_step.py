@@ -43,7 +43,8 @@ def write_outputs(report: dict, out: Path, name: str) -> None:
             share = o["self_cpu_ms"] / r["self_cpu_total_ms"] if r["self_cpu_total_ms"] else 0.0
             lines.append(f"| `{o['name']}` | {o['self_cpu_ms']:.1f} | {share:.1%} | {o['calls']} |")
         if r.get("taro_stages"):
-            lines += ["", "| TARo stage (named range, CPU time incl. the ops inside) | CPU total (ms) | share | calls |",
+            lines += ["", "| TARo stage (named range, CPU time incl. the ops inside) | CPU total (ms) | share "
+                      "| calls |",
                       "|---|---:|---:|---:|"]
             lines += [f"| `{o['name']}` | {o['cpu_total_ms']:.1f} | {o['cpu_total_ms'] / r['self_cpu_total_ms']:.1%} "
                       f"| {o['calls']} |" for o in r["taro_stages"]]
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     name = args.name
     if args.w2s:
-        big, reward, router = w2s_models()
-        args.base, args.reward, args.router = args.base or big, args.reward or reward, args.router or router
+        args.base, args.reward, args.router = w2s_models(args.base, args.reward, args.router)
         name = name or "w2s"
     if args.smoke:
         tiny = assets.build_tiny_all()

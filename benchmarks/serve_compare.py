@@ -113,14 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--replot", action="store_true", help="redraw the table and plot from the JSON (no servers)")
     args = p.parse_args(argv)
+    name = args.name or ("serve_compare_w2s" if args.w2s else "serve_compare")
     if args.replot:
-        name = args.name or ("serve_compare_w2s" if args.w2s else "serve_compare")
         write_outputs(json.loads((args.out / f"{name}.json").read_text()), args.out, name)
         return 0
     if args.w2s:
-        big, reward, router = w2s_models()
-        args.base, args.reward, args.router = args.base or big, args.reward or reward, args.router or router
-        args.name = args.name or "serve_compare_w2s"
+        args.base, args.reward, args.router = w2s_models(args.base, args.reward, args.router)
     base = args.base or assets.build_smollm2()
     reward = args.reward or base
     work = Path(tempfile.mkdtemp(prefix="taro-serve-compare-"))
@@ -130,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     router = args.router or _random_router(work / "router", base, reward, "topk")
     rows += sweep([str(base), "--taro-router", str(router), "--taro-reward-model", str(reward), *common], args.modes,
                   args, work, "TARo")
-    report = {"base": str(base), "reward": str(reward), "router": str(router), "dtype": args.dtype, "max_tokens": args.max_tokens,
-              "input_len": args.input_len, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
-              "rows": rows, "ratios": ratios(rows)}
-    write_outputs(report, args.out, args.name or "serve_compare")
+    report = {"base": str(base), "reward": str(reward), "router": str(router), "dtype": args.dtype,
+              "max_tokens": args.max_tokens, "input_len": args.input_len,
+              "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "rows": rows, "ratios": ratios(rows)}
+    write_outputs(report, args.out, name)
     print(json.dumps(report["ratios"], indent=2))
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 

