@@ -3,13 +3,15 @@
     python -m benchmarks.serve_compare                     # SmolLM2-135M: plain vLLM, then TARo, c = 1 / 8 / 32 / 64
     python -m benchmarks.serve_compare --modes router fixed:0.5 --concurrency 1 32
     python -m benchmarks.serve_compare --w2s               # Qwen 1.5B base, the W2S recipe's 0.5B reward + router
+    python -m benchmarks.serve_compare --w2s --concurrency 64 --add   # one more point into the same table
 
 Starts ``taro-vllm serve BASE`` without a router (plain vLLM, nothing of TARo in the engine), sweeps it with
 benchmarks.serve_bench (mode ``none``), stops it; then ``taro-vllm serve BASE --taro-router R`` (a random router: the
 weights do not change the cost) and sweeps each TARo mode. Each point: ``2 x concurrency`` requests (at least 8) of
 ``--input-len`` random prompt tokens and ``--max-tokens`` output tokens (EOS ignored). Writes serve_compare.json /
 .md (TTFT and TPOT p50 / p99, output tok/s, and TARo's TPOT p50 over plain vLLM's per concurrency) and
-serve_compare.png (TPOT p50 and output tok/s vs concurrency).
+serve_compare.png (TPOT p50 and output tok/s vs concurrency). ``--add`` measures only the given points (both servers,
+side by side as always) and merges them into the earlier run's table of the same setup; each row keeps its date.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -41,9 +44,31 @@ def sweep(argv: list[str], modes: list[str], args, work: Path, label: str) -> li
             serve_bench.main(["--url", url, "--concurrency", str(c), "--requests", str(max(8, 2 * c)),
                               "--max-tokens", str(args.max_tokens), "--input-len", str(args.input_len),
                               "--modes", *modes, "--out", str(out)])
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             for r in json.loads((out / "serve_bench.json").read_text())["rows"]:
-                rows.append({"server": label, **r})
+                rows.append({"server": label, **r, "measured_at": when})
     return rows
+
+
+SETUP_KEYS = ("base", "reward", "router", "dtype", "max_tokens", "input_len", "eager")
+
+
+def check_same_setup(earlier: dict, setup: dict) -> None:
+    """ValueError naming what differs: points of different setups in one table would compare unlike with unlike."""
+    differ = [k for k in SETUP_KEYS if earlier.get(k) != setup.get(k)]
+    if differ:
+        raise ValueError("--add: the earlier run had another setup (" + ", ".join(
+            f"{k}: {earlier.get(k)!r} vs {setup.get(k)!r}" for k in differ) + ")")
+
+
+def merge(earlier: dict, report: dict) -> dict:
+    """``report`` with the rows of ``earlier`` (the same setup) that it did not re-measure, ratios recomputed."""
+    check_same_setup(earlier, report)
+    key = lambda r: (r["server"], r["mode"], r["concurrency"])  # noqa: E731
+    new = {key(r) for r in report["rows"]}
+    rows = sorted([r for r in earlier["rows"] if key(r) not in new] + report["rows"],
+                  key=lambda r: (r["server"] != "plain vLLM", r["mode"], r["concurrency"]))
+    return {**report, "rows": rows, "ratios": ratios(rows)}
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -61,12 +86,12 @@ def write_outputs(report: dict, out: Path, name: str = "serve_compare") -> None:
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Base `{report['base']}`, reward `{report['reward']}`, {report['dtype']}, {report['input_len']} prompt "
              f"+ {report['max_tokens']} output tokens per request, `vllm bench serve`; {report['machine']}.", "",
-             "| server | mode | concurrency | requests ok | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| server | mode | concurrency | requests ok | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
+             "| measured |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['server']} | {r['mode']} | {r['concurrency']} | {r['completed']} / {r['requests']} | "
                      f"{r['tokens_per_s']:.1f} | {1000 * r['ttft_p50_s']:.0f} / {1000 * r['ttft_p99_s']:.0f} | "
-                     f"{1000 * r['tpot_p50_s']:.1f} / {1000 * r['tpot_p99_s']:.1f} |")
+                     f"{1000 * r['tpot_p50_s']:.1f} / {1000 * r['tpot_p99_s']:.1f} | {r.get('measured_at', '-')} |")
     lines += ["", "| TARo TPOT p50 / plain vLLM TPOT p50 | ratio |", "|---|---:|"]
     lines += [f"| {k} | **{v:.2f}** |" for k, v in report["ratios"].items()]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -112,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--replot", action="store_true", help="redraw the table and plot from the JSON (no servers)")
+    p.add_argument("--add", action="store_true", help="merge the points measured into the earlier run's JSON of the "
+                                                      "same setup (re-measured points replace theirs)")
     args = p.parse_args(argv)
     name = args.name or ("serve_compare_w2s" if args.w2s else "serve_compare")
     if args.replot:
@@ -121,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         args.base, args.reward, args.router = w2s_models(args.base, args.reward, args.router)
     base = args.base or assets.build_smollm2()
     reward = args.reward or base
+    earlier_path = args.out / f"{name}.json"
+    if args.add and not earlier_path.is_file():
+        p.error(f"--add: no earlier run at {earlier_path}")
+    if args.add and not args.router:
+        p.error("--add needs the router of the earlier run (--router, or --w2s with the recipe's router)")
+    setup = {"base": str(base), "reward": str(reward), "router": str(args.router), "dtype": args.dtype,
+             "max_tokens": args.max_tokens, "input_len": args.input_len, "eager": args.eager}
+    if args.add:
+        try:  # before any server starts: a mismatch found after the sweep would waste it
+            check_same_setup(json.loads(earlier_path.read_text()), setup)
+        except ValueError as e:
+            p.error(str(e))
     work = Path(tempfile.mkdtemp(prefix="taro-serve-compare-"))
     common = ["--dtype", args.dtype, "--max-model-len", str(args.input_len + args.max_tokens + 64),
               "--served-model-name", "taro", "--seed", "0"] + (["--enforce-eager"] if args.eager else [])
@@ -128,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     router = args.router or _random_router(work / "router", base, reward, "topk")
     rows += sweep([str(base), "--taro-router", str(router), "--taro-reward-model", str(reward), *common], args.modes,
                   args, work, "TARo")
-    report = {"base": str(base), "reward": str(reward), "router": str(router), "dtype": args.dtype,
-              "max_tokens": args.max_tokens, "input_len": args.input_len,
+    report = {**setup, "router": str(router),
               "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "rows": rows, "ratios": ratios(rows)}
+    if args.add:
+        report = merge(json.loads(earlier_path.read_text()), report)
     write_outputs(report, args.out, name)
     print(json.dumps(report["ratios"], indent=2))
     return 0 if all(r["errors"] == 0 for r in rows) else 1

@@ -103,6 +103,30 @@ def test_serve_compare_puts_taro_next_to_plain_vllm_per_concurrency(tmp_path):
     assert (tmp_path / "serve_compare.png").stat().st_size > 1000
 
 
+def test_serve_compare_add_merges_new_points_into_the_same_setup_only():
+    """--add: a new concurrency point joins the earlier table (re-measured points replace theirs); another setup is
+    refused, naming what differs."""
+    from benchmarks import serve_compare
+
+    def row(server, c, tpot, when):
+        return {"server": server, "mode": "none" if server == "plain vLLM" else "router", "concurrency": c,
+                "tpot_p50_s": tpot, "measured_at": when}
+
+    setup = {"base": "b", "reward": "r", "router": "R", "dtype": "float32", "max_tokens": 32, "input_len": 32,
+             "eager": True}
+    earlier = {**setup, "rows": [row("plain vLLM", 1, 0.4, "day 1"), row("plain vLLM", 8, 0.6, "day 1"),
+                                 row("TARo", 1, 0.6, "day 1"), row("TARo", 8, 0.9, "day 1")]}
+    new = {**setup, "rows": [row("plain vLLM", 8, 0.5, "day 2"), row("plain vLLM", 64, 2.0, "day 2"),
+                             row("TARo", 8, 0.8, "day 2"), row("TARo", 64, 3.0, "day 2")]}
+    merged = serve_compare.merge(earlier, new)
+    assert [(r["server"], r["concurrency"], r["measured_at"]) for r in merged["rows"]] == [
+        ("plain vLLM", 1, "day 1"), ("plain vLLM", 8, "day 2"), ("plain vLLM", 64, "day 2"),
+        ("TARo", 1, "day 1"), ("TARo", 8, "day 2"), ("TARo", 64, "day 2")]
+    assert merged["ratios"] == pytest.approx({"router c=1": 1.5, "router c=8": 1.6, "router c=64": 1.5})
+    with pytest.raises(ValueError, match="eager: True vs False"):
+        serve_compare.merge(earlier, {**new, "eager": False})
+
+
 def test_startup_and_feature_costs_replot_their_tables_and_plots_from_json(tmp_path):
     """--replot re-renders a run's table and PNG from its JSON (nothing is measured)."""
     from benchmarks import feature_costs, startup
