@@ -3,6 +3,7 @@ router's features against a plain copy of the same bytes.
 
     python -m benchmarks.router_op                          # vocab 49k/128k/152k x batch 1/32/256, fp32
     python -m benchmarks.router_op --vocab 49152 --batch 1 32 --repeats 3    # quick
+    python -m benchmarks.router_op --profile-only           # torch.profiler of the two ops at V = 151936, batch 256
 
 Needs only torch (Triton on CUDA): runs on a GPU when one is present, else on CPU. Per shape:
 
@@ -18,6 +19,10 @@ written once. All ops of a shape are timed round-robin (one call each per round,
 rounds and ``--min-time`` seconds), so a load that comes and goes hits them alike. Writes ``router_op.json``,
 ``router_op.md`` and ``router_op.png`` (GB/s vs batch per vocabulary) and prints the two ratios the design targets:
 features/copy GB/s (>= 0.25 at batch >= 32) and fused top-K / fixed-a mix time (<= 1.5 at V = 151936, batch 256).
+
+``--profile`` (and ``--profile-only``) adds where those two ops spend their time: torch.profiler's top ops by self
+time per call of the fused top-K op and of the fixed-a mix at the largest vocabulary and batch, written to
+``router_op_profile.md`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -60,12 +65,17 @@ def _time_round_robin(fns: dict, device: torch.device, repeats: int, min_time: f
     return best
 
 
-def bench(vocab: int, batch: int, kinds: list[str], device: torch.device, dtype: torch.dtype,
-          repeats: int, min_time: float = 0.0) -> list[dict]:
-    """One row per router kind for this shape; copy, features and the fixed-a mix are timed once per shape."""
+def _logits(vocab: int, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
     zb = (torch.randn(batch, vocab, generator=g) * 4).to(device=device, dtype=dtype)
     zr = (torch.randn(batch, vocab, generator=g) * 4).to(device=device, dtype=dtype)
+    return zb, zr
+
+
+def bench(vocab: int, batch: int, kinds: list[str], device: torch.device, dtype: torch.dtype,
+          repeats: int, min_time: float = 0.0) -> list[dict]:
+    """One row per router kind for this shape; copy, features and the fixed-a mix are timed once per shape."""
+    zb, zr = _logits(vocab, batch, device, dtype)
     routers = {kind: build_router(RouterConfig(kind=kind, vocab_size=vocab)).to(device).eval() for kind in kinds}
     topk_cfg = RouterConfig(kind="topk", vocab_size=vocab)
     copy_b, copy_r = torch.empty_like(zb), torch.empty_like(zr)
@@ -104,6 +114,46 @@ def bench(vocab: int, batch: int, kinds: list[str], device: torch.device, dtype:
                        features_over_copy=t["copy"] / t["features"])
         rows.append(row)
     return rows
+
+
+def profile_ops(vocab: int, batch: int, device: torch.device, dtype: torch.dtype, calls: int = 5,
+                top: int = 12) -> dict:
+    """torch.profiler over ``calls`` calls each of the fused top-K op and of the fixed-a mix at one shape: per op its
+    self time per call (ms), largest first; ``total_ms`` is all self time per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    zb, zr = _logits(vocab, batch, device, dtype)
+    router = build_router(RouterConfig(kind="topk", vocab_size=vocab)).to(device).eval()
+    fixed_a = torch.full((batch,), 0.5, device=device)
+    ops = {"fused top-K": lambda: mix.route_and_mix(zb, zr, router=router),
+           "fixed-a mix": lambda: mix.route_and_mix(zb, zr, override=fixed_a)}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out: dict = {"vocab": vocab, "batch": batch, "device": device.type, "dtype": str(dtype), "calls": calls, "ops": {}}
+    with torch.inference_mode():
+        for name, fn in ops.items():
+            fn()  # warm-up
+            with profile(activities=activities) as prof:
+                for _ in range(calls):
+                    fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            rows = sorted(({"op": e.key, "ms": getattr(e, attr) / 1000 / calls, "calls": e.count // calls}
+                           for e in prof.key_averages()), key=lambda r: -r["ms"])
+            rows = [r for r in rows if not r["op"].startswith("taro::")]  # named ranges hold no self time
+            out["ops"][name] = {"total_ms": sum(r["ms"] for r in rows), "top": rows[:top]}
+    return out
+
+
+def write_profile(prof: dict, header: str, path: Path) -> None:
+    lines = [header, "", f"torch.profiler, V = {prof['vocab']}, batch {prof['batch']}, {prof['dtype']}, "
+             f"{prof['calls']} calls of each op; self time per call:", ""]
+    for name, r in prof["ops"].items():
+        lines += [f"### {name}: {r['total_ms']:.1f} ms self time per call", "",
+                  "| op | ms per call | share | calls per call |", "|---|---:|---:|---:|"]
+        lines += [f"| `{o['op']}` | {o['ms']:.2f} | {o['ms'] / r['total_ms']:.1%} | {o['calls']} |" for o in r["top"]]
+        lines.append("")
+    path.write_text("\n".join(lines))
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -171,6 +221,12 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _where(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256, 151936])
@@ -181,12 +237,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-time", type=float, default=2.0, help="and rounds for at least this many seconds per shape")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: torch's default); "
                    "1 is steadier on cores shared with other work")
+    p.add_argument("--profile", action="store_true", help="also profile the fused top-K op and the fixed-a mix at "
+                   "the largest vocabulary and batch (router_op_profile.md)")
+    p.add_argument("--profile-only", action="store_true", help="only that profile (no timing sweep)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile or args.profile_only:
+        load_before = os.getloadavg()[0]
+        prof = profile_ops(max(args.vocab), max(args.batch), device, dtype)
+        (args.out / "router_op_profile.json").write_text(json.dumps(prof, indent=2) + "\n")
+        write_profile(prof, f"device: {device.type} ({_where(device)}); 1-min load average {load_before:.2f} before, "
+                      f"{os.getloadavg()[0]:.2f} after", args.out / "router_op_profile.md")
+        print("\n".join(f"{k}: {v['total_ms']:.1f} ms/call, top: " + ", ".join(
+            f"{o['op']} {o['ms']:.1f}" for o in v["top"][:4]) for k, v in prof["ops"].items()))
+        if args.profile_only:
+            return 0
     load_before = os.getloadavg()[0]
     rows = []
     for v in args.vocab:
@@ -199,12 +269,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"V={v:>6} N={b:>3} {r['router']:>4}: fused {r['fused_ms']:8.2f} ms = "
                       f"{r['fused_over_mix']:.2f} x fixed-a mix {r['mix_only_ms']:8.2f} ms  "
                       f"reference {r['reference_ms']:8.2f} ms{extra}", flush=True)
-    where = (torch.cuda.get_device_name() if device.type == "cuda"
-             else f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs")
-    header = (f"device: {device.type} ({where}), dtype {args.dtype}, best of >= {args.repeats} round-robin rounds "
+    header = (f"device: {device.type} ({_where(device)}), dtype {args.dtype}, best of >= {args.repeats} round-robin rounds "
               f"and >= {args.min_time:g} s per shape; "
               f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "router_op.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
     write_table(rows, header, args.out / "router_op.md")
     plot(rows, f"router_op: {header}", args.out / "router_op.png")

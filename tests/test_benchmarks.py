@@ -28,7 +28,8 @@ def test_throughput_smoke_writes_table_plot_and_ratios(tmp_path):
 def test_router_op_microbenchmark_smoke(tmp_path):
     from benchmarks import router_op
 
-    argv = ["--vocab", "1000", "--batch", "1", "4", "--repeats", "1", "--min-time", "0", "--out", str(tmp_path)]
+    argv = ["--vocab", "1000", "--batch", "1", "4", "--repeats", "1", "--min-time", "0", "--profile",
+            "--out", str(tmp_path)]
     assert router_op.main(argv) == 0
     rows = json.loads((tmp_path / "router_op.json").read_text())["rows"]
     assert {(r["batch"], r["router"]) for r in rows} == {(1, "topk"), (1, "full"), (4, "topk"), (4, "full")}
@@ -38,6 +39,11 @@ def test_router_op_microbenchmark_smoke(tmp_path):
                == (r["router"] == "topk") for r in rows)
     assert "features/copy" in (tmp_path / "router_op.md").read_text()
     assert (tmp_path / "router_op.png").stat().st_size > 10_000
+    # where the two ops spend their time, at the largest shape asked for
+    prof = json.loads((tmp_path / "router_op_profile.json").read_text())
+    assert (prof["vocab"], prof["batch"]) == (1000, 4) and set(prof["ops"]) == {"fused top-K", "fixed-a mix"}
+    assert any(o["op"] == "aten::topk" for o in prof["ops"]["fused top-K"]["top"])
+    assert "### fused top-K:" in (tmp_path / "router_op_profile.md").read_text()
 
 
 @pytest.mark.engine
