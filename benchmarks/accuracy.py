@@ -5,9 +5,10 @@
     python -m benchmarks.accuracy --router ROUTER_CKPT [--router-full CKPT] [--extra-router LABEL=CKPT ...]  # GSM
     python -m benchmarks.accuracy [--task tawp] --smoke                            # tiny models (test suite)
 
-Methods, on one TARo engine per router (each engine in a fresh process): base alone, reward alone, a fixed a sweep
-(GenARM) and TARo; an extra router (``--router-full``, ``--extra-router``) runs only its TARo method, on its own
-engine. Greedy decoding.
+Methods, on one TARo engine in a fresh process: base alone, reward alone, a fixed a sweep (GenARM) and TARo; an
+extra router (``--router-full``, ``--extra-router``) runs only its TARo method, on the same engine (each request names
+its router) when it fits that engine's base and reward model, else on an engine of its own. Greedy decoding; each
+method's requests go to the engine as one batch of their own.
 
 ``--task tawp`` (:mod:`benchmarks.accuracy_tawp`): the validation and test problems of a ``python -m router_training
 onpolicy`` run (RUN_DATA_DIR/problems_{val,test}.jsonl), prompted exactly as in training
@@ -89,7 +90,8 @@ def chat_prompt_ids(tok, text: str, hint: str | None = None) -> list[int]:
 
 # --- one engine, all its methods on all tasks (runs in a fresh process) ------------------------------------------
 #
-# spec: {"base", "router", "reward", "dtype", "max_model_len", "eager",
+# spec: {"base", "router" (a checkpoint, or {name: checkpoint}: requests pick one by extra_args taro_router), "reward",
+#        "dtype", "max_model_len", "eager",
 #        "tasks": {task: {"prompts": [[token ids], ...], "max_tokens": N}},
 #        "methods": [{"label", "extra_args": {vllm_xargs}, "trace": record a_t?}, ...]}
 # out:  {"results": {"label|task": {"texts": [...], "traces": [{"pieces", "alphas"}, ...] or None}},
@@ -152,6 +154,48 @@ def _generate(llm, tok, prompts: list[list[int]], max_tokens: int, method: dict,
 def run_engine(spec: dict) -> dict:
     """Run :func:`engine_worker` in a fresh process (one engine at a time; its memory is freed on exit)."""
     return in_fresh_process(spec, module="benchmarks.accuracy", args=("--engine-worker",), echo_prefix=PROGRESS)
+
+
+def engine_groups(base: str, reward: str | None, routers: dict[str, str]) -> list[dict[str, str]]:
+    """Split ``{label: checkpoint}`` into engines: the first router's engine takes every router that can share it
+    (the same base and reward model: :func:`taro_vllm.pairing.validate_extra_router`); any other router gets an
+    engine of its own (a refusal of the first router itself is left to its engine, which names the file). Fewer
+    engines, fewer starts: each costs tens of seconds to minutes on a CPU."""
+    from taro_vllm.pairing import TaroSetupError, validate_extra_router, validate_setup
+
+    labels = list(routers)
+    try:
+        setup = validate_setup(base, routers[labels[0]], reward)
+    except TaroSetupError:
+        return [{label: routers[label]} for label in labels]
+    shared, alone = {labels[0]: routers[labels[0]]}, []
+    for label in labels[1:]:
+        try:
+            validate_extra_router(setup, routers[label])
+            shared[label] = routers[label]
+        except TaroSetupError:
+            alone.append({label: routers[label]})
+    return [shared, *alone]
+
+
+def run_engines(common: dict, groups: list[dict[str, str]], methods: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """Every router's ``methods`` (keyed by router label) on the engines of ``groups`` (:func:`engine_groups`), one
+    engine at a time. Returns the results keyed 'method|task' and the seconds of each engine."""
+    raw: dict = {}
+    seconds: dict = {}
+    for group in groups:
+        todo = [m for label in group for m in methods.get(label, [])]
+        if not todo:
+            continue
+        names = {label: f"r{i}" for i, label in enumerate(group)}  # router names inside the engine
+        router = next(iter(group.values())) if len(group) == 1 else {names[k]: v for k, v in group.items()}
+        if len(group) > 1:
+            todo = [{**m, "extra_args": {**m["extra_args"], "taro_router": names[label]}}
+                    for label in group for m in methods.get(label, [])]
+        out = run_engine({**common, "router": router, "methods": todo})
+        raw.update(out["results"])
+        seconds["engine " + " + ".join(group)] = out["seconds"]
+    return raw, seconds
 
 
 def core_methods(alphas: list[float], taro_label: str, reward_alone: bool = True) -> list[dict]:
@@ -285,10 +329,10 @@ def run_gsm(args: argparse.Namespace, extra: list[tuple[str, str]]) -> str:
     common = {"base": str(base), "reward": str(args.reward) if args.reward else None, "dtype": args.dtype,
               "max_model_len": 1024, "eager": args.eager, "tasks": tasks}
     print(f"accuracy: {len(gsm)} in-domain, {len(ood)} out-of-domain items", flush=True)
-    raw = run_engine({**common, "router": str(args.router),
-                      "methods": core_methods(args.alphas, "TARo top-K")})["results"]
-    for label, path in extra:
-        raw.update(run_engine({**common, "router": path, "methods": [taro_method(f"TARo {label}")]})["results"])
+    routers = {"TARo top-K": str(args.router), **{f"TARo {label}": path for label, path in extra}}
+    methods = {label: core_methods(args.alphas, label) if k == 0 else [taro_method(label)]
+               for k, label in enumerate(routers)}
+    raw, _ = run_engines(common, engine_groups(common["base"], common["reward"], routers), methods)
     rows = []
     for key, res in raw.items():
         label, task = key.split("|")

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import stats
-from benchmarks.accuracy import (accuracy_cell, accuracy_row, core_methods, fixed_label, gsm_items, plot,
-                                 run_engine, taro_method, write_alpha_html)
+from benchmarks.accuracy import (accuracy_cell, accuracy_row, core_methods, engine_groups, fixed_label, gsm_items,
+                                 plot, run_engines, taro_method, write_alpha_html)
 
 IN_DOMAIN = "test"  # where results are reported; "val" only selects
 SMOKE_SIZES = {"val": 4, "test": 4}
@@ -329,20 +329,20 @@ def run(args: argparse.Namespace, extra: list[tuple[str, str]]) -> str:
     seconds: dict = {}
     reusable = reusable_outputs(args.reuse, str(base), settings, items, routers) if args.reuse else {}
     reused: dict = {}
-    for k, (label, ckpt) in enumerate(routers.items()):
-        methods = core_methods(args.alphas, label, getattr(args, "reward_alone", True)) if k == 0 \
+    methods: dict = {}
+    for k, label in enumerate(routers):
+        mine = core_methods(args.alphas, label, getattr(args, "reward_alone", True)) if k == 0 \
             else [taro_method(label)]
-        todo = [m for m in methods if m["label"] not in reusable]
-        for m in methods:
+        for m in mine:
             if m["label"] in reusable:
                 raw.update({f"{m['label']}|{t}": o for t, o in reusable[m["label"]].items()})
                 reused[m["label"]] = str(args.reuse)
-        if not todo:
+        methods[label] = [m for m in mine if m["label"] not in reusable]
+        if not methods[label]:
             seconds[f"engine {label}"] = f"reused from {args.reuse}"
-            continue
-        out = run_engine({**common, "router": ckpt, "methods": todo})
-        raw.update(out["results"])
-        seconds[f"engine {label}"] = out["seconds"]
+    out, engine_seconds = run_engines(common, engine_groups(common["base"], common["reward"], routers), methods)
+    raw.update(out)
+    seconds.update(engine_seconds)
     by_class = {label: {t: alpha_by_class(raw[f"{label}|{t}"]["traces"], items.context_words(t))
                         for t in (IN_DOMAIN, "ood")} for label in routers}
     report = build_report(grade(raw, items), args.alphas, list(routers), by_class)

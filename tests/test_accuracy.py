@@ -185,14 +185,17 @@ def test_tawp_run_end_to_end_with_scripted_engines(tmp_path, monkeypatch):
 
     specs = []
     fake_engine, splits = scripted_engine(specs)
-    monkeypatch.setattr(accuracy_tawp, "run_engine", fake_engine)
+    monkeypatch.setattr(accuracy, "run_engine", fake_engine)
     args, _ = accuracy.parse_args(["--task", "tawp", "--smoke", "--out", str(tmp_path)])
     accuracy.smoke_setup(args)
     args.max_gsm = 0
     md = accuracy_tawp.run(args, [("full-logits", str(args.router_full))])
-    # the main engine runs every method, the extra router only its TARo; prompts are onpolicy.prompt_ids
+    # One engine serves both routers (same base and reward model): the main router's every method, the extra router
+    # only its TARo, whose requests name it. Prompts are onpolicy.prompt_ids.
     assert [[m["label"] for m in s["methods"]] for s in specs] == \
-        [["base", "reward", "fixed a=0.25", "fixed a=0.5", "TARo"], ["TARo full-logits"]]
+        [["base", "reward", "fixed a=0.25", "fixed a=0.5", "TARo", "TARo full-logits"]]
+    assert specs[0]["router"] == {"r0": str(args.router), "r1": str(args.router_full)}
+    assert [m["extra_args"].get("taro_router") for m in specs[0]["methods"]] == ["r0"] * 5 + ["r1"]
     from transformers import AutoTokenizer
 
     from router_training.onpolicy import prompt_ids
@@ -211,6 +214,18 @@ def test_tawp_run_end_to_end_with_scripted_engines(tmp_path, monkeypatch):
         assert (tmp_path / f).stat().st_size > 100
 
 
+def test_a_router_of_another_reward_model_gets_its_own_engine(tmp_path, tiny_paths):
+    """Routers share the first router's engine only when they fit its base and reward model."""
+    from benchmarks.accuracy import engine_groups
+    from engine_utils import make_router
+
+    base, reward = (str(tiny_paths[k]) for k in ("tiny-llama-base", "tiny-llama-reward"))
+    main, same = make_router(tmp_path / "main", base, reward), make_router(tmp_path / "same", base, reward, seed=1)
+    other = make_router(tmp_path / "other", base, base)  # trained with the base as its reward model
+    assert engine_groups(base, None, {"A": str(main), "B": str(same), "C": str(other)}) == \
+        [{"A": str(main), "B": str(same)}, {"C": str(other)}]
+
+
 def test_tawp_reuse_runs_only_the_new_router(tmp_path, monkeypatch):
     """--reuse: an earlier run's outputs stand for every method it already made; only the new router runs, and a
     run with other settings is refused rather than mixed in."""
@@ -218,7 +233,7 @@ def test_tawp_reuse_runs_only_the_new_router(tmp_path, monkeypatch):
 
     specs = []
     fake_engine, _ = scripted_engine(specs)
-    monkeypatch.setattr(accuracy_tawp, "run_engine", fake_engine)
+    monkeypatch.setattr(accuracy, "run_engine", fake_engine)
 
     def run(out: str, *argv: str, extra=(), max_tokens: int = 8):
         args, _ = accuracy.parse_args(["--task", "tawp", "--smoke", "--out", str(tmp_path / out), *argv])
