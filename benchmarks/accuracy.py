@@ -189,13 +189,17 @@ def run_engines(common: dict, groups: list[dict[str, str]], methods: dict[str, l
             continue
         names = {label: f"r{i}" for i, label in enumerate(group)}  # router names inside the engine
         router = next(iter(group.values())) if len(group) == 1 else {names[k]: v for k, v in group.items()}
-        if len(group) > 1:
-            todo = [{**m, "extra_args": {**m["extra_args"], "taro_router": names[label]}}
+        if len(group) > 1:  # a TARo method's requests name their router (the others use no router)
+            todo = [{**m, "extra_args": {**m["extra_args"], "taro_router": names[label]}} if _routed(m) else m
                     for label in group for m in methods.get(label, [])]
         out = run_engine({**common, "router": router, "methods": todo})
         raw.update(out["results"])
         seconds["engine " + " + ".join(group)] = out["seconds"]
     return raw, seconds
+
+
+def _routed(method: dict) -> bool:
+    return not {"taro_mode", "taro_alpha"} & set(method["extra_args"])
 
 
 def core_methods(alphas: list[float], taro_label: str, reward_alone: bool = True) -> list[dict]:

@@ -16,11 +16,14 @@ SPEC (this module's workers): {"worker": "throughput" | "greedy" | "profile", "m
 * greedy (+ optional "models": several stock-vLLM models, one after another): per run label, per prompt, the greedy
   ids and text, the top-2 logprobs of each step and the logprob of each sampled token.
 * profile (+ "batch", "extra_args", "top"): torch.profiler's top ops by self CPU time over one batch of decoding.
+* sequence (+ "specs": [SPEC, ...]): those workers one after another in this one process (the test suite's smokes:
+  one start of Python and vLLM, ~10 s here, instead of one per engine); {"outputs": [OUT, ...]}.
 """
 
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import resource
 import subprocess
@@ -164,7 +167,17 @@ def profile(spec: dict) -> dict:
             "self_cpu_total_ms": sum(o["self_cpu_ms"] for o in ops)}
 
 
-WORKERS = {"throughput": throughput, "greedy": greedy, "profile": profile}
+def sequence(spec: dict) -> dict:
+    """Each of ``spec["specs"]`` by its worker, in turn; each engine is dropped before the next starts, so peak RSS
+    is the process's running maximum rather than each engine's own."""
+    outputs = []
+    for sub in spec["specs"]:
+        outputs.append(WORKERS[sub.get("worker", "throughput")](sub))
+        gc.collect()  # the finished engine's memory, before the next one allocates its KV cache
+    return {"outputs": outputs}
+
+
+WORKERS = {"throughput": throughput, "greedy": greedy, "profile": profile, "sequence": sequence}
 
 
 def main(spec_path: str, out_path: str) -> None:

@@ -53,11 +53,22 @@ def _prompts(base: Path, n: int, length: int) -> list[list[int]]:
     return [ids[i: i + length] for i in range(n)]  # n distinct prompts (shifted windows): no prefix-cache sharing
 
 
-def run_engine(spec: dict, label: str) -> dict:
-    t = time.perf_counter()
-    out = in_fresh_process({"worker": "throughput", **spec})
-    print(f"  {label}: startup {out['startup_s']:.1f}s, process {time.perf_counter() - t:.1f}s", flush=True)
-    return out
+def run_engines(specs: dict[str, dict], one_process: bool = False) -> dict[str, dict]:
+    """Each engine spec in a fresh process of its own (what the measurements use: every engine alone, its own peak
+    RSS), or with ``one_process`` all of them one after another in one fresh process (the smoke)."""
+    if one_process:
+        t = time.perf_counter()
+        outs = in_fresh_process({"worker": "sequence", "specs": [{"worker": "throughput", **s}
+                                                                for s in specs.values()]})["outputs"]
+        print(f"  {len(specs)} engines in one process: {time.perf_counter() - t:.1f}s", flush=True)
+        return dict(zip(specs, outs))
+    outs = {}
+    for label, spec in specs.items():
+        t = time.perf_counter()
+        outs[label] = in_fresh_process({"worker": "throughput", **spec})
+        print(f"  {label}: startup {outs[label]['startup_s']:.1f}s, process {time.perf_counter() - t:.1f}s",
+              flush=True)
+    return outs
 
 
 def run_hf_loop(base: Path, reward: Path, prompts: list[list[int]], max_tokens: int, batch_size: int,
@@ -117,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                         "W2S TAWP recipe, batch 1/32/128, no full-logits engine, no HF loops")
     p.add_argument("--name", help="output file stem (default throughput, --w2s: throughput_w2s)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
-    p.add_argument("--smoke", action="store_true", help="tiny models, batch 2, 4 tokens")
+    p.add_argument("--one-process", action="store_true",
+                   help="all engines one after another in one process (one vLLM start; peak RSS is then the "
+                        "running maximum, not each engine's own); --smoke does this")
+    p.add_argument("--smoke", action="store_true", help="tiny models, batch 2, 4 tokens, --eager --one-process")
     args = p.parse_args(argv)
 
     if args.w2s:
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         args.base = args.base or tiny["tiny-llama-base"]
         args.reward = args.reward or tiny["tiny-llama-reward"]
         args.batch_sizes, args.max_tokens, args.prompt_len, args.genarm_prompts = [2], 4, 16, 1
-        args.eager = True
+        args.eager = args.one_process = True
     args.batch_sizes = args.batch_sizes or [1, 32]
     base = args.base or assets.build_smollm2()
     trained_reward = assets.cache_dir() / "runs" / "smollm2" / "reward"
@@ -153,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                                 "reward": str(reward), "batch_sizes": [bmax], "runs": [{"label": "TARo full-logits"}]}
     report: dict = {"base": str(base), "reward": str(reward), "router": str(router_topk), "dtypes": args.dtype,
                     "max_tokens": args.max_tokens, "prompt_len": args.prompt_len, "cpu_count": os.cpu_count(),
-                    "engines": {}, "rows": []}
+                    "one_process": args.one_process, "engines": {}, "rows": []}
     for dtype in args.dtype:
         common = {"dtype": dtype, "max_model_len": args.prompt_len + args.max_tokens + 64, "eager": args.eager,
                   "max_tokens": args.max_tokens, "prompts": prompts, "batch_sizes": args.batch_sizes}
-        for name, spec in engines.items():
-            out = run_engine({**common, **spec}, f"{name} ({dtype})")
-            report["engines"][f"{name} ({dtype})"] = {k: out[k] for k in ("startup_s", "peak_rss_gib")}
+        outs = run_engines({f"{name} ({dtype})": {**common, **spec} for name, spec in engines.items()},
+                           args.one_process)
+        for (key, out), name in zip(outs.items(), engines):
+            report["engines"][key] = {k: out[k] for k in ("startup_s", "peak_rss_gib")}
             for row in out["results"]:
                 report["rows"].append({**row, "engine": name, "dtype": dtype, "peak_rss_gib": out["peak_rss_gib"]})
         if "hf" not in args.skip:
@@ -226,6 +241,8 @@ def write_outputs(report: dict, out: Path, name: str = "throughput") -> None:
         rss = f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "–"
         lines.append(f"| {r['label']} | {r['dtype']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | "
                      f"{ms('ttft_p50_s')} | {tpot} | {rss} |")
+    if report.get("one_process"):
+        lines += ["", "All engines ran one after another in one process: peak RSS is the running maximum."]
     lines += ["", "| engine | start-up (s) |", "|---|---:|"]
     lines += [f"| {n} | {e['startup_s']:.1f} |" for n, e in report["engines"].items()]
     lines.append("")

@@ -195,7 +195,7 @@ def test_tawp_run_end_to_end_with_scripted_engines(tmp_path, monkeypatch):
     assert [[m["label"] for m in s["methods"]] for s in specs] == \
         [["base", "reward", "fixed a=0.25", "fixed a=0.5", "TARo", "TARo full-logits"]]
     assert specs[0]["router"] == {"r0": str(args.router), "r1": str(args.router_full)}
-    assert [m["extra_args"].get("taro_router") for m in specs[0]["methods"]] == ["r0"] * 5 + ["r1"]
+    assert [m["extra_args"].get("taro_router") for m in specs[0]["methods"]] == [None] * 4 + ["r0", "r1"]
     from transformers import AutoTokenizer
 
     from router_training.onpolicy import prompt_ids

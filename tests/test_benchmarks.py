@@ -23,6 +23,9 @@ def test_throughput_smoke_writes_table_plot_and_ratios(tmp_path):
     assert "two-model bound" in " ".join(report["ratios"]["float32, batch 2"])
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
     assert "| TARo top-K | float32 | 2 |" in (tmp_path / "throughput.md").read_text()
+    # the smoke runs its four engines one after another in one process (one vLLM start), and says so
+    assert report["one_process"] and len(report["engines"]) == 4
+    assert "peak RSS is the running maximum" in (tmp_path / "throughput.md").read_text()
 
 
 def test_router_op_microbenchmark_smoke(tmp_path):
