@@ -33,11 +33,13 @@ def llm(pair, router_ckpt, second_router):
 
 def generate(llm, prompt_ids, extra_args=None, *, max_tokens=MAX_TOKENS, logprobs=None, n=1, temperature=0.0,
              seed=None):
+    """Greedy by default; ``extra_args`` is one dict for every prompt or a list of one per prompt."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True, extra_args=extra_args,
-                        logprobs=logprobs, n=n, seed=seed)
+    per_prompt = extra_args if isinstance(extra_args, list) else [extra_args] * len(prompt_ids)
+    sp = [SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True, extra_args=xa,
+                         logprobs=logprobs, n=n, seed=seed) for xa in per_prompt]
     return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sp, use_tqdm=False)
 
 
@@ -70,10 +72,16 @@ def test_fixed_half_equals_the_hugging_face_reference(llm, prompt_ids, pair):
 
 
 def test_the_router_mixes_per_token(llm, prompt_ids, reference, pair):
-    taro = ids(generate(llm, prompt_ids))  # default mode: the router
+    from taro_vllm.serving.alphas import RECORDER
+
+    # default mode: the router; each request's a_t recorded per token
+    taro = ids(generate(llm, prompt_ids, [{"taro_trace": f"per-token-{i}"} for i in range(len(prompt_ids))]))
     for i, out in enumerate(taro):
         assert out != reference[str(pair[0])][i]["ids"]
         assert out != reference[str(pair[1])][i]["ids"]
+        # a weight per token, not one for the sequence (a fixed a = 0.5 mixes too, and fails this)
+        a = RECORDER.pop(f"per-token-{i}")
+        assert len(a) == MAX_TOKENS and max(a) - min(a) > 0.05, a
 
 
 def test_router_output_matches_the_reference_router_mix(llm, prompt_ids, pair, router_ckpt):

