@@ -4,6 +4,7 @@
     python -m benchmarks.serve_compare --modes router fixed:0.5 --concurrency 1 32
     python -m benchmarks.serve_compare --w2s               # Qwen 1.5B base, the W2S recipe's 0.5B reward + router
     python -m benchmarks.serve_compare --w2s --concurrency 64 --add   # one more point into the same table
+    python -m benchmarks.serve_compare --modes router fixed:0.5 base --mixed --concurrency 8 32 64 --name serve_mixed
 
 Starts ``taro-vllm serve BASE`` without a router (plain vLLM, nothing of TARo in the engine), sweeps it with
 benchmarks.serve_bench (mode ``none``), stops it; then ``taro-vllm serve BASE --taro-router R`` (a random router: the
@@ -12,6 +13,9 @@ weights do not change the cost) and sweeps each TARo mode. Each point: ``2 x con
 .md (TTFT and TPOT p50 / p99, output tok/s, and TARo's TPOT p50 over plain vLLM's per concurrency) and
 serve_compare.png (TPOT p50 and output tok/s vs concurrency). ``--add`` measures only the given points (both servers,
 side by side as always) and merges them into the earlier run's table of the same setup; each row keeps its date.
+``--mixed`` sends the TARo modes at once instead of one after another: at concurrency C, one ``vllm bench serve``
+client per mode, started together, each with C / (number of modes) requests in flight, so every engine step batches
+rows of all modes; each mode's row is its own client's numbers, at the total concurrency C (mode ``router [mixed]``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,22 +40,47 @@ ROOT = Path(__file__).resolve().parent
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "HF_HUB_OFFLINE": "1"}
 
 
-def sweep(argv: list[str], modes: list[str], args, work: Path, label: str) -> list[dict]:
+def _bench_argv(url: str, c: int, modes: list[str], args, out: Path) -> list[str]:
+    return ["--url", url, "--concurrency", str(c), "--requests", str(max(8, 2 * c)), "--max-tokens",
+            str(args.max_tokens), "--input-len", str(args.input_len), "--modes", *modes, "--out", str(out)]
+
+
+def mixed_point(url: str, c: int, modes: list[str], args, work: Path) -> list[dict]:
+    """All ``modes`` at once: one ``vllm bench serve`` client per mode (a process each), started together, with
+    c // len(modes) requests in flight each (at least 1); a row per mode, from its own client, listed at c."""
+    per = max(1, c // len(modes))
+    procs = []
+    for i, mode in enumerate(modes):
+        out = work / f"mixed-c{c}-{i}"
+        procs.append((mode, out, subprocess.Popen([sys.executable, "-m", "benchmarks.serve_bench",
+                                                   *_bench_argv(url, per, [mode], args, out)])))
+    rows = []
+    for mode, out, proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError(f"the {mode} client of the mixed point c={c} failed (exit {proc.returncode})")
+        for r in json.loads((out / "serve_bench.json").read_text())["rows"]:
+            rows.append({**r, "mode": f"{mode} [mixed]", "concurrency": c, "client_concurrency": per,
+                         "mixed_with": modes})
+    return rows
+
+
+def sweep(argv: list[str], modes: list[str], args, work: Path, label: str, mixed: bool = False) -> list[dict]:
     rows = []
     with running_server(argv, work / f"{label}.log", timeout=1200, env=SERVER_ENV) as (url, _proc, startup):
         print(f"{label}: up in {startup:.0f} s", flush=True)
         for c in args.concurrency:
             out = work / f"{label}-c{c}"
-            serve_bench.main(["--url", url, "--concurrency", str(c), "--requests", str(max(8, 2 * c)),
-                              "--max-tokens", str(args.max_tokens), "--input-len", str(args.input_len),
-                              "--modes", *modes, "--out", str(out)])
+            if mixed:
+                got = mixed_point(url, c, modes, args, work)
+            else:
+                serve_bench.main(_bench_argv(url, c, modes, args, out))
+                got = json.loads((out / "serve_bench.json").read_text())["rows"]
             when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-            for r in json.loads((out / "serve_bench.json").read_text())["rows"]:
-                rows.append({"server": label, **r, "measured_at": when})
+            rows += [{"server": label, **r, "measured_at": when} for r in got]
     return rows
 
 
-SETUP_KEYS = ("base", "reward", "router", "dtype", "max_tokens", "input_len", "eager")
+SETUP_KEYS = ("base", "reward", "router", "dtype", "max_tokens", "input_len", "eager", "mixed")
 
 
 def check_same_setup(earlier: dict, setup: dict) -> None:
@@ -137,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--replot", action="store_true", help="redraw the table and plot from the JSON (no servers)")
+    p.add_argument("--mixed", action="store_true", help="send the TARo modes at once (one client per mode, "
+                                                        "concurrency split between them) instead of one by one")
     p.add_argument("--add", action="store_true", help="merge the points measured into the earlier run's JSON of the "
                                                       "same setup (re-measured points replace theirs)")
     args = p.parse_args(argv)
@@ -154,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.add and not args.router:
         p.error("--add needs the router of the earlier run (--router, or --w2s with the recipe's router)")
     setup = {"base": str(base), "reward": str(reward), "router": str(args.router), "dtype": args.dtype,
-             "max_tokens": args.max_tokens, "input_len": args.input_len, "eager": args.eager}
+             "max_tokens": args.max_tokens, "input_len": args.input_len, "eager": args.eager,
+             **({"mixed": True} if args.mixed else {})}
     if args.add:
         try:  # before any server starts: a mismatch found after the sweep would waste it
             check_same_setup(json.loads(earlier_path.read_text()), setup)
@@ -166,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = sweep([str(base), *common], ["none"], args, work, "plain vLLM")
     router = args.router or _random_router(work / "router", base, reward, "topk")
     rows += sweep([str(base), "--taro-router", str(router), "--taro-reward-model", str(reward), *common], args.modes,
-                  args, work, "TARo")
+                  args, work, "TARo", mixed=args.mixed)
     report = {**setup, "router": str(router),
               "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "rows": rows, "ratios": ratios(rows)}
     if args.add:

@@ -112,6 +112,20 @@ def test_serve_compare_puts_taro_next_to_plain_vllm_per_concurrency(tmp_path):
     assert (tmp_path / "serve_compare.png").stat().st_size > 1000
 
 
+@pytest.mark.engine
+def test_mixed_point_sends_the_modes_at_once_with_vllm_bench_serve(taro_server_url, tmp_path):
+    """--mixed: one vllm bench serve client per TARo mode, at the same time, the concurrency split between them."""
+    from types import SimpleNamespace
+
+    from benchmarks import serve_compare
+
+    url, _ = taro_server_url
+    rows = serve_compare.mixed_point(url, 4, ["router", "base"], SimpleNamespace(max_tokens=4, input_len=8), tmp_path)
+    assert [(r["mode"], r["concurrency"], r["client_concurrency"]) for r in rows] == \
+        [("router [mixed]", 4, 2), ("base [mixed]", 4, 2)]
+    assert all(r["completed"] == r["requests"] == 8 and r["errors"] == 0 and r["tpot_p50_s"] > 0 for r in rows)
+
+
 def test_serve_compare_add_merges_new_points_into_the_same_setup_only():
     """--add: a new concurrency point joins the earlier table (re-measured points replace theirs); another setup is
     refused, naming what differs."""
