@@ -1,4 +1,8 @@
-"""Another architecture: a tiny Qwen2 base with a Qwen2 reward whose vocab is padded by 64 rows (compiled, fp32)."""
+"""Another architecture: a tiny Qwen2 base with a Qwen2 reward whose vocab is padded by 64 rows (eager, fp32; the
+compiled path is covered on the Llama pair in test_serving_llm.py, and compiling four more models costs the suite
+about half a minute).
+
+The stock-vLLM references run eager too: like is compared with like."""
 
 import pytest
 import torch
@@ -25,7 +29,7 @@ def llm(pair, tmp_path_factory):
     from taro_vllm.serving.llm import taro_llm
 
     router = make_router(tmp_path_factory.mktemp("router") / "ckpt", *pair)
-    engine = taro_llm(str(pair[0]), str(router), dtype="float32", max_model_len=1024, seed=0)
+    engine = taro_llm(str(pair[0]), str(router), dtype="float32", max_model_len=1024, seed=0, enforce_eager=True)
     yield engine
     del engine
 
@@ -42,7 +46,7 @@ def run(llm, prompt_ids, extra_args, logprobs=None):
 def test_qwen2_pair_a0_a1_and_fixed_half(llm, pair, prompt_ids, tmp_path):
     from taro_vllm.hf_generate import generate_mixed
 
-    ref = plain_vllm_greedy([str(p) for p in pair], prompt_ids, max_tokens=MAX_TOKENS)
+    ref = plain_vllm_greedy([str(p) for p in pair], prompt_ids, max_tokens=MAX_TOKENS, eager=True)
     base_out = [list(o.outputs[0].token_ids) for o in run(llm, prompt_ids, {"taro_mode": "base"})]
     reward_out = [list(o.outputs[0].token_ids) for o in run(llm, prompt_ids, {"taro_mode": "reward"})]
     assert base_out == [r["ids"] for r in ref[str(pair[0])]]
