@@ -4,6 +4,8 @@
 same checks inside the model, so the engine refuses to start with the same message.
 """
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -23,8 +25,26 @@ def pair(tiny_paths):
 
 
 def serve(*args, timeout=120):
+    """`taro-vllm serve ARGS` in a fresh process: the real exit code and stderr."""
     return subprocess.run([sys.executable, "-m", "taro_vllm.cli", "serve", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout)
+
+
+def refuse(*args):
+    """`taro-vllm serve ARGS` in this process, for setups that must be refused before vLLM starts: the same CLI entry
+    and checks as `serve` without a fresh interpreter per case (5-7 s each). If the setup were accepted, the guard
+    fails the test instead of starting a server here."""
+    from taro_vllm import cli
+    from taro_vllm.serving import serve as serve_module
+
+    def started(*_):
+        raise AssertionError("the setup was accepted: vLLM would start")
+
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setattr(serve_module, "_fix_vllm_cpu_version", started)
+        rc = cli.main(["serve", *map(str, args)])
+    return subprocess.CompletedProcess(args, rc, "", err.getvalue())
 
 
 def other_tokenizer_model(src, dest):
@@ -51,13 +71,13 @@ def test_reward_model_with_another_tokenizer(pair, tmp_path):
 
 def test_router_trained_for_another_vocabulary(pair, tmp_path):
     router = make_router(tmp_path / "router", pair[0], pair[1], vocab_size=32000)
-    r = serve(pair[0], "--taro-router", router)
+    r = refuse(pair[0], "--taro-router", router)
     assert r.returncode == 2 and "router vocab_size 32000 != base vocab_size 49152" in r.stderr
 
 
 def test_missing_reward_model_path(pair, tmp_path):
     router = make_router(tmp_path / "router", pair[0], tmp_path / "no-such-reward")
-    r = serve(pair[0], "--taro-router", router)
+    r = refuse(pair[0], "--taro-router", router)
     assert r.returncode == 2 and "no-such-reward" in r.stderr and "--taro-reward-model" in r.stderr
     r = serve(pair[0], "--taro-router", router, "--taro-reward-model", pair[1], "--help=TARo", timeout=300)
     assert r.returncode == 0  # the override fixes it (validation passes; --help stops before the engine)
@@ -82,7 +102,7 @@ def test_bad_router_checkpoint(pair, tmp_path, damage, msg):
         save_file(state, weights)
     else:
         router = tmp_path / "nowhere"
-    r = serve(pair[0], "--taro-router", router)
+    r = refuse(pair[0], "--taro-router", router)
     assert r.returncode == 2 and msg in r.stderr, r.stderr[-2000:]
 
 
@@ -142,7 +162,10 @@ def test_broken_base_or_reward_model_is_refused_before_vllm_starts(pair, tmp_pat
         named = damaged_copy(src, model, damage)
     base, reward = (model, pair[1]) if role == "base" else (pair[0], model)
     router = make_router(tmp_path / "router", pair[0], pair[1])
-    r = serve(base, "--taro-router", router, "--taro-reward-model", reward, timeout=60)
+    # One case in a real process (exit code, no traceback); the same CLI entry in this process for the others.
+    real_process = role == "base" and damage == "truncated"
+    r = serve(base, "--taro-router", router, "--taro-reward-model", reward, timeout=60) if real_process else \
+        refuse(base, "--taro-router", router, "--taro-reward-model", reward)
     assert r.returncode == 2, r.stderr[-2000:]
     assert msg in r.stderr and str(named) in r.stderr and f"{role} model" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
@@ -208,8 +231,8 @@ def test_nan_weight_is_refused_before_vllm_starts_naming_tensor_and_file(pair, t
     model = nan_copy(pair[0] if role == "base" else pair[1], tmp_path / role)
     base, reward = (model, pair[1]) if role == "base" else (pair[0], model)
     router = make_router(tmp_path / "router", pair[0], pair[1])
-    r = serve(base, "--taro-router", router, "--taro-reward-model", reward, "--dtype", "float32",
-              "--max-model-len", "256", "--enforce-eager", timeout=600)
+    r = refuse(base, "--taro-router", router, "--taro-reward-model", reward, "--dtype", "float32",
+               "--max-model-len", "256", "--enforce-eager")
     assert r.returncode == 2, r.stderr[-3000:]
     assert (f"{role} model weight model.layers.1.mlp.down_proj.weight in {model / 'model.safetensors'} contains NaN "
             "or inf") in r.stderr, r.stderr[-3000:]
