@@ -1,6 +1,9 @@
 """README's main command, `taro-vllm demo`, on a fresh machine: it builds the SmolLM2 asset, serves TARo through the
 OpenAI API and records a_t (here with --enforce-eager to keep the suite short; otherwise the demo's own defaults)."""
 
+import importlib.metadata
+import shutil
+
 import httpx
 import pytest
 
@@ -30,3 +33,9 @@ def test_demo_help_has_no_side_effects(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "usage: taro-vllm demo" in r.stdout and "--max-model-len" in r.stdout
     assert not (tmp_path / "cache").exists()  # no asset built, no router saved
+
+
+def test_taro_vllm_on_the_path_is_this_cli():
+    """The help test above calls the CLI entry in this process; README's `taro-vllm ...` is the installed script."""
+    scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts["taro-vllm"] == "taro_vllm.cli:main" and shutil.which("taro-vllm")
