@@ -45,34 +45,30 @@ def saved_step(out: Path) -> int | None:
 
 
 # The training process, paused at an exact point of its second checkpoint save (step 10) so the parent can SIGKILL it
-# there whatever the machine's speed: it touches the marker file, then sleeps until killed.
+# there whatever the machine's speed: it touches the marker file, then sleeps until killed. One real kill point (the
+# one that crashed the resume of issue 16); test_checkpointing.py injects the crash deterministically between every
+# pair of file operations of a save, in process.
 PAUSING_TRAINER = r"""
 import shutil, sys, time
 from pathlib import Path
 
-point, marker = sys.argv[1], Path(sys.argv[2])
+marker = Path(sys.argv[1])
+real_rmtree = shutil.rmtree
 
 
-def pause():
-    marker.touch()
-    time.sleep(600)
+def rmtree(path, *args, **kwargs):  # pause with state/ the new state and state.old/ half deleted
+    if Path(path).name == "state.old":
+        sorted(Path(path).iterdir())[0].unlink()
+        marker.touch()
+        time.sleep(600)
+    return real_rmtree(path, *args, **kwargs)
 
 
-if point == "mid-cleanup":  # state/ is the new state, state.old/ half deleted (the crash of issue 16)
-    real_rmtree = shutil.rmtree
-
-    def rmtree(path, *args, **kwargs):
-        if Path(path).name == "state.old":
-            sorted(Path(path).iterdir())[0].unlink()
-            pause()
-        return real_rmtree(path, *args, **kwargs)
-
-    shutil.rmtree = rmtree
+shutil.rmtree = rmtree
 
 from router_training.__main__ import main
-from router_training.checkpointing import has_state
 
-sys.exit(main(sys.argv[3:]))
+sys.exit(main(sys.argv[2:]))
 """
 
 
@@ -83,13 +79,9 @@ def uninterrupted(tiny_paths, pairs_file, tmp_path_factory):
     return trained_weights(out)
 
 
-# One real kill point (the one that crashed the resume of issue 16); test_checkpointing.py injects the crash
-# deterministically between every pair of file operations of a save, in process.
-@pytest.mark.parametrize("point, resumes_from", [("mid-cleanup", 10)])
-def test_sigkilled_training_resumes_to_the_same_weights(tmp_path, tiny_paths, pairs_file, uninterrupted, point,
-                                                         resumes_from):
+def test_sigkilled_training_resumes_to_the_same_weights(tmp_path, tiny_paths, pairs_file, uninterrupted):
     killed, marker = tmp_path / "killed", tmp_path / "paused"
-    proc = subprocess.Popen([sys.executable, "-c", PAUSING_TRAINER, point, str(marker),
+    proc = subprocess.Popen([sys.executable, "-c", PAUSING_TRAINER, str(marker),
                              *reward_cli(tiny_paths, pairs_file, killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     deadline = time.monotonic() + 600  # only so a broken trainer cannot hang the suite; the kill waits for the marker
@@ -101,7 +93,7 @@ def test_sigkilled_training_resumes_to_the_same_weights(tmp_path, tiny_paths, pa
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "model.safetensors").exists()
-    assert has_state(killed / "train") and saved_step(killed) == resumes_from  # what --resume continues from
+    assert has_state(killed / "train") and saved_step(killed) == 10  # what --resume continues from: the new state
 
     assert main(reward_cli(tiny_paths, pairs_file, killed, "--resume")) == 0  # and saves at 15, 20, 25
     rows = [json.loads(line) for line in (killed / "train" / "metrics.jsonl").open()]
