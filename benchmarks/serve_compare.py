@@ -111,8 +111,23 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
+def mixed_slowdown(rows: list[dict]) -> dict:
+    """Per concurrency of a ``--mixed`` run: plain vLLM's output tok/s over the summed tok/s of all TARo clients.
+
+    Why next to the per-mode TPOT ratios: the modes share every engine step, so how one step's cost splits between
+    the clients follows which client's prefills land in the other's decode steps (the client that starts decoding
+    first waits through the other's prefills); the summed output rate is what the shared steps cost, split-free."""
+    plain = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["server"] == "plain vLLM"}
+    summed: dict[int, float] = {}
+    for r in rows:
+        if r["server"] == "TARo" and r["mode"].endswith("[mixed]"):
+            summed[r["concurrency"]] = summed.get(r["concurrency"], 0.0) + r["tokens_per_s"]
+    return {f"all modes [mixed] c={c}": plain[c] / tps for c, tps in sorted(summed.items()) if c in plain and tps > 0}
+
+
 def write_outputs(report: dict, out: Path, name: str = "serve_compare") -> None:
     out.mkdir(parents=True, exist_ok=True)
+    report = {**report, **({"mixed_slowdown": slow} if (slow := mixed_slowdown(report["rows"])) else {})}
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Base `{report['base']}`, reward `{report['reward']}`, {report['dtype']}, {report['input_len']} prompt "
              f"+ {report['max_tokens']} output tokens per request, `vllm bench serve`; {report['machine']}.", "",
@@ -124,6 +139,9 @@ def write_outputs(report: dict, out: Path, name: str = "serve_compare") -> None:
                      f"{1000 * r['tpot_p50_s']:.1f} / {1000 * r['tpot_p99_s']:.1f} | {r.get('measured_at', '-')} |")
     lines += ["", "| TARo TPOT p50 / plain vLLM TPOT p50 | ratio |", "|---|---:|"]
     lines += [f"| {k} | **{v:.2f}** |" for k, v in report["ratios"].items()]
+    if "mixed_slowdown" in report:
+        lines += ["", "| plain vLLM output tok/s / all TARo clients' output tok/s summed | ratio |", "|---|---:|"]
+        lines += [f"| {k} | **{v:.2f}** |" for k, v in report["mixed_slowdown"].items()]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -140,6 +158,11 @@ def write_outputs(report: dict, out: Path, name: str = "serve_compare") -> None:
             ax.plot(cs, [1000 * r[f"{metric}_p50_s"] for _, r in pts], marker="o", color=colour, label=f"{label} p50")
             ax.plot(cs, [1000 * r[f"{metric}_p99_s"] for _, r in pts], ls="--", color=colour, label=f"{label} p99")
         ax3.plot(cs, [r["tokens_per_s"] for _, r in pts], marker="o", color=colour, label=label)
+    summed = sorted({r["concurrency"] for r in report["rows"] if r["mode"].endswith("[mixed]")})
+    if summed:  # a --mixed run: the shared steps' output rate, all clients together
+        ax3.plot(summed, [sum(r["tokens_per_s"] for r in report["rows"] if r["concurrency"] == c
+                              and r["mode"].endswith("[mixed]")) for c in summed],
+                 marker="s", ls=":", color="k", label="TARo (all modes summed)")
     for ax, title in ((ax1, "TPOT (ms)"), (ax2, "TTFT (ms)"), (ax3, "output tokens/s")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")

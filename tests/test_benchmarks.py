@@ -112,6 +112,29 @@ def test_serve_compare_puts_taro_next_to_plain_vllm_per_concurrency(tmp_path):
     assert (tmp_path / "serve_compare.png").stat().st_size > 1000
 
 
+def test_mixed_run_also_reports_the_summed_rate_of_all_clients(tmp_path):
+    """--mixed: each mode's TPOT depends on how the shared steps split between the clients; plain vLLM's tok/s over
+    the clients' summed tok/s is what the shared steps cost, in the table next to the per-mode ratios."""
+    from benchmarks import serve_compare
+
+    def row(server, mode, c, tps):
+        return {"server": server, "mode": mode, "concurrency": c, "requests": 2 * c, "completed": 2 * c,
+                "errors": 0, "tokens_per_s": tps, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "tpot_p50_s": 10 / tps,
+                "tpot_p99_s": 20 / tps}
+
+    rows = [row("plain vLLM", "none", 8, 120.0), row("plain vLLM", "none", 64, 180.0),
+            row("TARo", "router [mixed]", 8, 40.0), row("TARo", "fixed:0.5 [mixed]", 8, 20.0),
+            row("TARo", "router [mixed]", 64, 50.0), row("TARo", "fixed:0.5 [mixed]", 64, 40.0)]
+    assert serve_compare.mixed_slowdown(rows) == pytest.approx({"all modes [mixed] c=8": 2.0,
+                                                                "all modes [mixed] c=64": 2.0})
+    assert serve_compare.mixed_slowdown(rows[:2] + [row("TARo", "router", 8, 60.0)]) == {}  # not a mixed run
+    report = {"base": "b", "reward": "r", "dtype": "float32", "max_tokens": 8, "input_len": 8, "machine": "m",
+              "rows": rows, "ratios": serve_compare.ratios(rows)}
+    serve_compare.write_outputs(report, tmp_path, "mixed")
+    assert "| all modes [mixed] c=64 | **2.00** |" in (tmp_path / "mixed.md").read_text()
+    assert json.loads((tmp_path / "mixed.json").read_text())["mixed_slowdown"]["all modes [mixed] c=8"] == 2.0
+
+
 @pytest.mark.engine
 def test_mixed_point_sends_the_modes_at_once_with_vllm_bench_serve(taro_server_url, tmp_path):
     """--mixed: one vllm bench serve client per TARo mode, at the same time, the concurrency split between them."""
