@@ -111,6 +111,15 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
+def mixed_rates(rows: list[dict]) -> dict[int, float]:
+    """Per concurrency of a ``--mixed`` run, the output tok/s of all TARo clients summed (empty for other runs)."""
+    summed: dict[int, float] = {}
+    for r in rows:
+        if r["server"] == "TARo" and r["mode"].endswith("[mixed]"):
+            summed[r["concurrency"]] = summed.get(r["concurrency"], 0.0) + r["tokens_per_s"]
+    return dict(sorted(summed.items()))
+
+
 def mixed_slowdown(rows: list[dict]) -> dict:
     """Per concurrency of a ``--mixed`` run: plain vLLM's output tok/s over the summed tok/s of all TARo clients.
 
@@ -118,11 +127,8 @@ def mixed_slowdown(rows: list[dict]) -> dict:
     the clients follows which client's prefills land in the other's decode steps (the client that starts decoding
     first waits through the other's prefills); the summed output rate is what the shared steps cost, split-free."""
     plain = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["server"] == "plain vLLM"}
-    summed: dict[int, float] = {}
-    for r in rows:
-        if r["server"] == "TARo" and r["mode"].endswith("[mixed]"):
-            summed[r["concurrency"]] = summed.get(r["concurrency"], 0.0) + r["tokens_per_s"]
-    return {f"all modes [mixed] c={c}": plain[c] / tps for c, tps in sorted(summed.items()) if c in plain and tps > 0}
+    return {f"all modes [mixed] c={c}": plain[c] / tps for c, tps in mixed_rates(rows).items()
+            if c in plain and tps > 0}
 
 
 def write_outputs(report: dict, out: Path, name: str = "serve_compare") -> None:
@@ -158,11 +164,8 @@ def write_outputs(report: dict, out: Path, name: str = "serve_compare") -> None:
             ax.plot(cs, [1000 * r[f"{metric}_p50_s"] for _, r in pts], marker="o", color=colour, label=f"{label} p50")
             ax.plot(cs, [1000 * r[f"{metric}_p99_s"] for _, r in pts], ls="--", color=colour, label=f"{label} p99")
         ax3.plot(cs, [r["tokens_per_s"] for _, r in pts], marker="o", color=colour, label=label)
-    summed = sorted({r["concurrency"] for r in report["rows"] if r["mode"].endswith("[mixed]")})
-    if summed:  # a --mixed run: the shared steps' output rate, all clients together
-        ax3.plot(summed, [sum(r["tokens_per_s"] for r in report["rows"] if r["concurrency"] == c
-                              and r["mode"].endswith("[mixed]")) for c in summed],
-                 marker="s", ls=":", color="k", label="TARo (all modes summed)")
+    if summed := mixed_rates(report["rows"]):  # a --mixed run: the shared steps' output rate, all clients together
+        ax3.plot(list(summed), list(summed.values()), marker="s", ls=":", color="k", label="TARo (all modes summed)")
     for ax, title in ((ax1, "TPOT (ms)"), (ax2, "TTFT (ms)"), (ax3, "output tokens/s")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
